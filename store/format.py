@@ -1,0 +1,138 @@
+"""Store format v1: layout, manifest, create and open. See store/FORMAT.md.
+
+A store is a zarr v3 group directory. The manifest lives in the group attributes under
+"saeflow"; zarr's LocalStore writes metadata through temp file + rename, so a manifest update is
+atomic and readers see either the old or the new one. Readers trust only the committed row
+count in the manifest, never the arrays' shapes (arrays are pre-sized to capacity).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+FORMAT_NAME = "saeflow-activation-store"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "saeflow"
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+# zarr 3.1 has no bfloat16 dtype: bfloat16 activations are stored as their uint16 bit patterns.
+STORE_DTYPES = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}
+TOKEN_ARRAYS = {"tokens": "<i4", "doc": "<i8", "pos": "<i4"}
+
+
+class StoreError(RuntimeError):
+    """A store problem, phrased as one line that names the problem and the fix."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def acts_path(hook: str) -> str:
+    return f"acts/{hook}"
+
+
+def default_chunk_rows(d_max: int, itemsize: int) -> int:
+    """Rows per chunk so the widest hook's chunk is about 16 MiB (a power of two, >= 256)."""
+    rows = DEFAULT_CHUNK_BYTES // (d_max * itemsize)
+    return max(256, 2 ** int(math.log2(max(rows, 1))))
+
+
+def _codecs(compressor: str | None):
+    if compressor is None:
+        return None
+    if compressor == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    if compressor == "blosc":
+        return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    raise StoreError(f"unknown compressor {compressor!r}; use zstd, blosc or none")
+
+
+def create_store(
+    path: str | Path,
+    *,
+    hook_dims: dict[str, int],
+    store_dtype: str,
+    chunk_rows: int,
+    capacity_rows: int,
+    shard_chunks: int | None,
+    compressor: str | None,
+    manifest: dict[str, Any],
+) -> zarr.Group:
+    """Create the group and its arrays (sized to capacity) and write the initial manifest."""
+    capacity = max(chunk_rows, math.ceil(capacity_rows / chunk_rows) * chunk_rows)
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    shard_rows = chunk_rows * shard_chunks if shard_chunks else None
+    for hook, d in hook_dims.items():
+        group.create_array(
+            acts_path(hook),
+            shape=(capacity, d),
+            chunks=(chunk_rows, d),
+            shards=(shard_rows, d) if shard_rows else None,
+            dtype=STORE_DTYPES[store_dtype],
+            compressors=_codecs(compressor),
+            fill_value=0,
+            config={"write_empty_chunks": True},  # every chunk is a file: memmap never misses one
+        )
+    for name, dtype in TOKEN_ARRAYS.items():
+        group.create_array(
+            name,
+            shape=(capacity,),
+            chunks=(chunk_rows,),
+            shards=(shard_rows,) if shard_rows else None,
+            dtype=dtype,
+            compressors=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+    full = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "hook_points": {hook: {"d": d, "dtype": store_dtype} for hook, d in hook_dims.items()},
+        "chunk_rows": chunk_rows,
+        "shard_chunks": shard_chunks,
+        "compressor": compressor,
+        "capacity_rows": capacity,
+        "n_chunks": 0,
+        "n_rows": 0,
+        "complete": False,
+        "checksums": {name: [] for name in [*hook_dims, *TOKEN_ARRAYS]},
+        "cursor": None,
+        "created": now(),
+        "updated": now(),
+        **manifest,
+    }
+    write_manifest(group, full)
+    return group
+
+
+def write_manifest(group: zarr.Group, manifest: dict[str, Any]) -> None:
+    manifest["updated"] = now()
+    group.attrs.update({MANIFEST_KEY: manifest})
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path} is not an activation store (no zarr.json); run `saeflow generate` to create one")
+    group = zarr.open_group(str(path), mode="r")
+    manifest = group.attrs.get(MANIFEST_KEY)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is a zarr group but not a saeflow activation store (no manifest)")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has store format version {manifest.get('version')}, this saeflow reads version "
+            f"{FORMAT_VERSION}; regenerate the store or use a matching saeflow release"
+        )
+    return manifest
+
+
+def numpy_dtype(store_dtype: str) -> np.dtype:
+    """The dtype that raw chunk bytes hold; bfloat16 is read as uint16 bit patterns."""
+    return np.dtype(STORE_DTYPES[store_dtype])
