@@ -1,0 +1,91 @@
+"""Config validation: every mistake is one clear line through the CLI, exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import InitializerConfig, SAEConfig
+from pipeline.config import ConfigError, load_config, sweep_variants
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def write_config(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    mutate(data)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_seed_example_constructs_as_written():
+    cfg = SAEConfig(
+        hook_point_in="blocks.6.hook_resid_post",
+        hook_point_out="blocks.6.hook_resid_post",
+        use_glu_encoder=False,
+        d_model=768,
+        expansion_factor=8,
+        act_fn="topk",
+        top_k=64,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    assert cfg.d_sae == 6144 and not cfg.is_transcoder
+    init = InitializerConfig(bias_init_method="geometric_median", grid_search_init_norm=True,
+                             init_encoder_bias_with_mean_hidden_pre=True)
+    assert init.bias_init_method == "geometric_median"
+
+
+def test_every_shipped_config_validates():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["train"].update(lerning_rate=1), "unknown config key 'train.lerning_rate'"),
+        (lambda d: d["sae"].pop("d_model"), "missing config key 'sae.d_model'"),
+        (lambda d: d["train"].update(total_tokens="many"), "invalid value for 'train.total_tokens'"),
+        (lambda d: d["sae"].update(expansion_factor=1.3), "not a positive integer"),
+        (lambda d: d["sae"].update(hook_point_in="blocks.9.hook_resid_post"), "not among generate.hook_points"),
+    ],
+)
+def test_cli_reports_config_errors_in_one_line(tmp_path, mutate, expected):
+    result = run_cli("train", str(write_config(tmp_path, mutate)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match="valid keys here: .*lr"):
+        load_config(write_config(tmp_path, lambda d: d["train"].update(lerning_rate=1)))
+
+
+def test_set_overrides_apply_before_validation():
+    cfg = load_config(TINY, ["train.lr=0.125", "sae.top_k=4"])
+    assert cfg.train.lr == 0.125 and cfg.sae.top_k == 4
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(TINY, ["train.lr"])
+
+
+def test_sweep_variants_apply_dotted_overrides():
+    cfg = load_config(TINY, ["train.sweep=[{sae.top_k: 4}, {sae.top_k: 16, name: wide}]"])
+    variants = dict(sweep_variants(cfg))
+    assert list(variants) == ["top_k=4", "wide"]
+    assert variants["top_k=4"].sae.top_k == 4 and variants["wide"].sae.top_k == 16
+    with pytest.raises(ConfigError, match="repeat"):
+        sweep_variants(load_config(TINY, ["train.sweep=[{sae.top_k: 4}, {sae.top_k: 4}]"]))
