@@ -1,0 +1,229 @@
+"""One SAE being trained: its model, optimizer, schedules, dead-latent counters and logs.
+
+The training loop (pipeline/train.py) hands every variant of a sweep the same batches; each
+variant keeps its own state here and checkpoints it next to its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.losses import aux_k_loss, l1_sparsity, reconstruction_loss, tanh_sparsity
+from pipeline.models import SparseAutoencoder
+from pipeline.schedules import annealed_k, lr_multiplier, sparsity_coefficient
+
+DENSE_FREQUENCY = 0.1  # a latent firing on more than 10% of tokens counts as dense
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VariantTrainer:
+    def __init__(self, name: str, cfg: ExperimentConfig, sae: SparseAutoencoder, out_dir: Path,
+                 dataset_mean_out: torch.Tensor, total_steps: int):
+        self.name, self.cfg, self.sae, self.out_dir = name, cfg, sae, out_dir
+        self.train_cfg = cfg.train
+        self.total_steps = total_steps
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+        device = sae.W_dec.device
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+        # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
+        self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
+        self.step = 0
+        self.tokens = 0
+        self._window = _LogWindow()
+        self._clock = time.perf_counter()
+        if cfg.train.decoder_norm == "unit":
+            move_decoder_norms_into_encoder(sae)
+        self.log_path = out_dir / "train_log.jsonl"
+
+    # --- one step -----------------------------------------------------------------------
+    def train_step(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        cfg, sae = self.train_cfg, self.sae
+        multiplier = lr_multiplier(self.step, self.total_steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * multiplier
+        x = sae.normalize_input(x_in)
+        target = sae.normalize_target(x_out, x_in)
+        k = annealed_k(self.step, sae.cfg.top_k, sae.cfg.d_sae, cfg) if sae.cfg.act_fn in ("topk", "batchtopk") else None
+        autocast = (
+            torch.autocast(x.device.type, dtype=_AUTOCAST[cfg.autocast_dtype]) if cfg.autocast_dtype else nullcontext()
+        )
+        with autocast:
+            x_hat, out = sae(x, k) if k is not None else sae(x)
+        x_hat = x_hat.float()
+        mse = reconstruction_loss(target, x_hat)
+        terms = {"mse_loss": mse}
+        terms.update(self._sparsity_terms(out))
+        terms.update(self._aux_terms(target, x_hat, out))
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.decoder_norm == "unit":
+            sae.remove_gradient_parallel_to_decoder_directions()
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad_norm or math.inf)
+        self.optimizer.step()
+        if cfg.decoder_norm == "unit":
+            sae.set_decoder_norm_to_unit_norm()
+
+        fired = out.fired()
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[fired] = 0
+        self.step += 1
+        self.tokens += x.shape[0]
+        self._window.add(terms, loss, target, x_hat, self.dataset_mean, out, grad_norm)
+        if self.step % cfg.log_every_steps == 0:
+            self._log(multiplier * cfg.lr, k)
+
+    def _sparsity_terms(self, out) -> dict[str, torch.Tensor]:
+        sae, cfg = self.sae, self.train_cfg
+        coefficient = sparsity_coefficient(self.step, cfg)
+        if sae.cfg.act_fn == "relu":
+            norms = sae.decoder_norms() if sae.cfg.sparsity_include_decoder_norm else None
+            z = out.dense_feature_acts()
+            if cfg.sparsity_penalty == "tanh":
+                return {"sparsity_loss": coefficient * tanh_sparsity(z, norms, cfg.tanh_stretch)}
+            return {"sparsity_loss": coefficient * l1_sparsity(z, norms)}
+        if sae.cfg.act_fn == "jumprelu":
+            return {"sparsity_loss": coefficient * sae.l0_pseudo(out.hidden_pre).mean()}
+        return {}
+
+    def _aux_terms(self, target, x_hat, out) -> dict[str, torch.Tensor]:
+        sae, cfg = self.sae, self.train_cfg
+        if sae.cfg.act_fn not in ("topk", "batchtopk") or not cfg.aux_k or not cfg.aux_k_coefficient:
+            return {}
+        dead = self.dead_mask()
+        residual = (target - x_hat).detach()
+        aux = aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, cfg.aux_k)
+        return {"aux_k_loss": cfg.aux_k_coefficient * aux}
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.train_cfg.dead_threshold_tokens
+
+    # --- logging ------------------------------------------------------------------------
+    def _log(self, lr: float, k: int | None) -> None:
+        now = time.perf_counter()
+        record = {
+            "step": self.step,
+            "tokens": self.tokens,
+            **self._window.summary(),
+            "dead_fraction": float(self.dead_mask().float().mean()),
+            "lr": lr,
+            "tokens_per_second": self._window.rows / max(now - self._clock, 1e-9),
+        }
+        if k is not None:
+            record["k"] = k
+        self._clock = now
+        self._window = _LogWindow()
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.last_record = record
+
+    # --- checkpoints --------------------------------------------------------------------
+    def save(self, loader_cursor: dict) -> Path:
+        info = {
+            "tokens": self.tokens,
+            "loader_cursor": loader_cursor,
+            "config": self.cfg.model_dump(mode="json"),
+            "clock": None,
+        }
+        return save_checkpoint(
+            self.out_dir / "checkpoints",
+            step=self.step,
+            model=self.sae,
+            optimizer=self.optimizer,
+            tensors={"tokens_since_fired": self.tokens_since_fired},
+            info=info,
+        )
+
+    def restore(self, checkpoint: Path) -> dict:
+        extras, info = load_checkpoint(checkpoint, model=self.sae, optimizer=self.optimizer, device=self.sae.W_dec.device)
+        if info["config"] != self.cfg.model_dump(mode="json"):
+            raise ConfigError(
+                f"{self.out_dir} holds a checkpoint of a different config; "
+                "choose a new train.out_dir or delete that directory to start over"
+            )
+        self.tokens_since_fired = extras["tokens_since_fired"].to(self.sae.W_dec.device)
+        self.step = int(info["step"])
+        self.tokens = int(info["tokens"])
+        self._truncate_log()
+        return info["loader_cursor"]
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint, so a resumed log reads as one run."""
+        if not self.log_path.is_file():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        self.log_path.write_text("".join(line + "\n" for line in kept))
+
+
+class _LogWindow:
+    """Sums over the steps since the last log line (cheap: a few scalars per step)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.steps = 0
+        self.sums: dict[str, float] = {}
+        self.sq_error = 0.0
+        self.sq_centered = 0.0
+        self.l0 = 0.0
+        self.grad_norm = 0.0
+        self.fire_counts: torch.Tensor | None = None
+
+    def add(self, terms, loss, target, x_hat, mean, out, grad_norm) -> None:
+        with torch.no_grad():
+            for key, value in terms.items():
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss)
+            self.sq_error += float((target - x_hat).double().pow(2).sum())
+            self.sq_centered += float((target.double() - mean.double()).pow(2).sum())
+            self.l0 += float(out.l0.sum())
+            self.grad_norm += float(grad_norm)
+            counts = firing_counts(out)
+            self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
+        self.rows += target.shape[0]
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        steps, rows = max(self.steps, 1), max(self.rows, 1)
+        fvu = self.sq_error / max(self.sq_centered, 1e-30)
+        summary = {key: value / steps for key, value in self.sums.items()}
+        summary.update(
+            fvu=fvu,
+            explained_variance=1 - fvu,
+            mse=self.sq_error / rows,
+            l0=self.l0 / rows,
+            grad_norm=self.grad_norm / steps,
+        )
+        if self.fire_counts is not None:
+            frequency = self.fire_counts.double() / rows
+            summary["dense_fraction"] = float((frequency > DENSE_FREQUENCY).double().mean())
+            summary["silent_in_window_fraction"] = float((frequency == 0).double().mean())
+        return summary
+
+
+def firing_counts(out) -> torch.Tensor:
+    """(d_sae,) rows of the batch on which each latent fired."""
+    if out.feature_acts is not None:
+        return (out.feature_acts.detach() != 0).sum(0)
+    active = out.top_indices[out.top_values.detach() != 0]
+    return torch.bincount(active, minlength=out.hidden_pre.shape[-1])
+
+
+@torch.no_grad()
+def move_decoder_norms_into_encoder(sae: SparseAutoencoder) -> None:
+    """Make decoder rows unit-norm without changing the SAE's function: latent i's activation
+    scales by n_i and its decoder row by 1/n_i (relu, topk and jumprelu are positively
+    homogeneous), so the init norm found by the grid search survives unit-norm training."""
+    norms = sae.decoder_norms().clamp_min(1e-8)
+    sae.W_dec.div_(norms[:, None])
+    sae.W_enc.mul_(norms[None, :])
+    sae.b_enc.mul_(norms)
+    if sae.cfg.act_fn == "jumprelu" and not sae.cfg.sparsity_include_decoder_norm:
+        sae.log_threshold.add_(norms.log())  # gated by hidden_pre alone, which just grew by n_i
