@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.sae_config import InitializerConfig, SAEConfig, StrictModel
+from pipeline.sae_config import InitializerConfig, SAEConfig, StrictModel, check_sae_and_initializer
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,11 @@ class ExperimentConfig(StrictModel):
                     f"sae hook {hook!r} is not among generate.hook_points {self.generate.hook_points}; "
                     "add it there or change the sae hook"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _initializer_fits_sae(self):
+        check_sae_and_initializer(self.sae, self.initializer)
         return self
 
 
