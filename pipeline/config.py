@@ -67,13 +67,15 @@ class GenerateConfig(StrictModel):
 
 
 class LoaderConfig(StrictModel):
-    batch_size: int = 4096
-    shuffle_buffer_chunks: int = 8
-    prefetch_batches: int = 4
-    num_workers: int = 1
-    heldout_chunks: int = 1  # the last chunks of the store, never read by training
-    seed: int = 0
-    pin_memory: bool = True
+    """store.loader.ActivationLoader settings (batches are a pure function of seed and position)."""
+
+    batch_size: int = Field(4096, ge=1)
+    shuffle_buffer_chunks: int = Field(8, ge=1)  # chunks whose rows are shuffled together
+    prefetch_batches: int = Field(4, ge=1)  # finished batches waiting ahead of the trainer
+    num_workers: int = Field(1, ge=1)  # reader threads loading chunks
+    heldout_chunks: int = Field(1, ge=0)  # the last chunks of the store, never read by training
+    seed: int = Field(0, ge=0)
+    pin_memory: bool = True  # page-locked batches + non_blocking copies when training on CUDA
 
 
 class TrainConfig(StrictModel):

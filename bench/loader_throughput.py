@@ -1,0 +1,142 @@
+"""Throughput of shuffled loader batches against a plain sequential read of the same chunk files.
+
+Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in one run, cold
+(page cache dropped with posix_fadvise(DONTNEED) per chunk file, no root needed) and warm:
+- sequential: every chunk file read in store order into one reused buffer (the disk's best case);
+- loader: one shuffled epoch of ActivationLoader batches: float32 (CPU training converts on the
+  host) and, warm, float16 (the stored dtype: what the CUDA path gathers and copies to the GPU).
+GB/s counts stored bytes delivered; CPU s/GB (all threads) shows the cost independent of other
+load on a shared machine. Goals: shuffled/sequential >= 0.8 cold; >= 2 GB/s warm.
+
+    .venv/bin/python bench/loader_throughput.py [--store PATH] [--rows N] [--workers K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from store.format import acts_path, create_store, read_manifest, write_manifest  # noqa: E402
+from store.loader import ActivationLoader  # noqa: E402
+
+HOOK = "blocks.6.hook_resid_post"
+D = 768
+CHUNK_ROWS = 8192  # 12.6 MB chunks of fp16, the format's default for d=768
+
+
+def build_store(path: Path, n_rows: int) -> None:
+    group = create_store(
+        path, hook_dims={HOOK: D}, store_dtype="float16", chunk_rows=CHUNK_ROWS, capacity_rows=n_rows,
+        shard_chunks=None, compressor=None, manifest={},
+    )
+    rng = np.random.default_rng(0)
+    array = group[acts_path(HOOK)]
+    for start in range(0, n_rows, CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, n_rows)
+        array[start:stop] = rng.standard_normal((stop - start, D), dtype=np.float32).astype(np.float16)
+    manifest = read_manifest(path)
+    manifest.update(n_rows=n_rows, n_chunks=-(-n_rows // CHUNK_ROWS), complete=True)
+    write_manifest(zarr.open_group(str(path), mode="r+"), manifest)
+    os.sync()  # DONTNEED only drops clean pages
+
+
+def chunk_files(path: Path) -> list[Path]:
+    n_chunks = int(read_manifest(path)["n_chunks"])
+    return [path / acts_path(HOOK) / "c" / str(i) / "0" for i in range(n_chunks)]
+
+
+def drop_cache(files: list[Path]) -> None:
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read(files: list[Path]) -> int:
+    buffer = bytearray(CHUNK_ROWS * D * 2)
+    view = memoryview(buffer)
+    total = 0
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while (n := handle.readinto(view)) > 0:
+                total += n
+    return total
+
+
+def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype) -> int:
+    loader = ActivationLoader(
+        path, HOOK, batch_size=4096, heldout_chunks=0, shuffle_buffer_chunks=8, prefetch_batches=4,
+        num_workers=workers, dtype=dtype, max_rows=n_rows, seed=0,
+    )
+    rows = 0
+    for batch in loader:
+        rows += batch.shape[0]
+    return rows * D * 2
+
+
+def timed(label: str, run) -> float:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    nbytes = run()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    rate = nbytes / seconds / 1e9
+    print(
+        f"{label:<34} {nbytes / 1e9:5.2f} GB in {seconds:5.2f} s: {rate:5.2f} GB/s, "
+        f"{nbytes / (2 * D) / seconds / 1e6:5.2f} M rows/s, {cpu / (nbytes / 1e9):5.2f} CPU s/GB"
+    )
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, help="store path (built there if missing); default: a temp dir")
+    parser.add_argument("--rows", type=int, default=100 * CHUNK_ROWS, help="rows of the store (default 1.26 GB)")
+    parser.add_argument("--workers", type=int, default=2, help="loader reader threads")
+    parser.add_argument("--repeats", type=int, default=2, help="cold/warm rounds; the best of each is kept")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        path = args.store or Path(tmp) / "bench.zarr"
+        if not (path / "zarr.json").exists():
+            start = time.perf_counter()
+            build_store(path, args.rows)
+            print(f"built {path} in {time.perf_counter() - start:.1f} s")
+        n_rows = int(read_manifest(path)["n_rows"])
+        files = chunk_files(path)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are shared-machine figures)")
+        print(f"store: {n_rows} rows x {D} fp16 = {n_rows * D * 2 / 1e9:.2f} GB in {len(files)} chunk files; torch threads {torch.get_num_threads()}")
+        results: dict[str, list[float]] = {}
+
+        def record(key: str, label: str, run, cold: bool) -> None:
+            if cold:
+                drop_cache(files)
+            results.setdefault(key, []).append(timed(label, run))
+
+        for _ in range(args.repeats):
+            record("seq_cold", "sequential read, cold", lambda: sequential_read(files), cold=True)
+            record("loader_cold", "loader shuffled float32, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=True)
+        for _ in range(args.repeats):
+            record("seq_warm", "sequential read, warm", lambda: sequential_read(files), cold=False)
+            record("loader_warm", "loader shuffled float32, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=False)
+            record("loader_warm16", "loader shuffled float16, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=False)
+        best = {key: max(values) for key, values in results.items()}
+        if best["seq_cold"] > 0.8 * best["seq_warm"]:
+            print("note: cold and warm sequential reads are alike: the page cache was probably not dropped")
+        print(f"loader warm GB/s, float16 batches (what a CUDA trainer copies): {best['loader_warm16']:.2f} (goal >= 2)")
+        print(f"loader warm GB/s, float32 batches (CPU training, twice the bytes written): {best['loader_warm']:.2f}")
+        print(f"loader shuffled/sequential warm: {best['loader_warm'] / best['seq_warm']:.2f}")
+        print(f"loader shuffled/sequential cold: {best['loader_cold'] / best['seq_cold']:.2f} (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

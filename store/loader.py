@@ -1,0 +1,208 @@
+"""Shuffled, prefetching, resumable batches of activation rows from a store.
+
+Reading plan (store/shuffle.py): a seeded permutation of the training chunks per epoch, cut into
+groups of `shuffle_buffer_chunks` chunks whose rows are shuffled together. Batch b is a pure
+function of (seed, epoch, rank, group), so a saved cursor restores the exact remaining stream.
+
+Threads (store/producer.py): `num_workers` reader threads copy a group's chunks (one pread per
+raw chunk file, zarr decoding otherwise) into one of two preallocated group buffers while
+`num_workers` builder threads gather batches out of the other (np.take) and finish them
+(store/staging.py): on the CPU converted once to the training dtype; for CUDA kept in the stored
+dtype in pooled pinned buffers, copied non_blocking and converted on the device by the consumer.
+At most `prefetch_batches` finished batches wait ahead of the consumer. Host memory is bounded by
+2 group buffers + about prefetch_batches + 2 * num_workers batches, whatever the store's size.
+
+Training batches roll over epoch boundaries (the tail of epoch e and the head of e+1 share a
+batch), so every batch is full and every rank yields the same number of batches; only the final
+batch when `max_rows` is not a multiple of batch_size is short. The held-out split is read once,
+in store order, unshuffled, with a short last batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from store.format import StoreError, numpy_dtype
+from store.reader import StoreReader
+from store.producer import END, Group, Producer
+from store.shuffle import Cursor, ShufflePlan
+from store.staging import DeviceBatches, HostBatches
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+_STORED_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ActivationLoader:
+    """Iterate batches of rows of one hook (tensor batches) or several aligned hooks (tuples).
+
+    hooks: a hook name, or a sequence such as (hook_in, hook_out) for a transcoder: row i of every
+        tensor in a batch comes from the same token.
+    split: "train" (shuffled, endless unless max_rows, resumable) or "heldout" (the last
+        `heldout_chunks` chunks, store order, one pass).
+    dtype: dtype of yielded tensors; None keeps the stored dtype.
+    pin_memory: page-locked batches and non_blocking copies when device is CUDA; ignored otherwise.
+    max_rows: stop after this many rows in total (counted from the start of the run, including
+        rows yielded before a restored cursor; per rank). None: training never ends.
+    rank/world_size: data-parallel sharding by chunk (see store/shuffle.py).
+    num_workers: reader threads; prefetch_batches: finished batches queued ahead of the consumer.
+
+    Batches are tensors (or tuples) owned by the caller. state_dict() after batch b restores a
+    loader that yields batch b+1 next, exactly as the uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        store: str | Path | StoreReader,
+        hooks: str | Sequence[str],
+        *,
+        batch_size: int,
+        split: Literal["train", "heldout"] = "train",
+        seed: int = 0,
+        shuffle_buffer_chunks: int = 8,
+        prefetch_batches: int = 4,
+        num_workers: int = 1,
+        heldout_chunks: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+        pin_memory: bool = True,
+        max_rows: int | None = None,
+        cursor: dict[str, Any] | None = None,
+    ):
+        self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
+        self.single_hook = isinstance(hooks, str)
+        self.hooks: list[str] = [hooks] if isinstance(hooks, str) else list(hooks)
+        if not self.hooks:
+            raise StoreError("the loader needs at least one hook")
+        for hook in self.hooks:
+            self.reader.d(hook)  # raises a StoreError naming the store's hooks
+        if batch_size < 1 or prefetch_batches < 1 or num_workers < 1:
+            raise StoreError("batch_size, prefetch_batches and num_workers must all be >= 1")
+        if split not in ("train", "heldout"):
+            raise StoreError(f"split must be 'train' or 'heldout', got {split!r}")
+        n_chunks = self.reader.n_chunks
+        if not 0 <= heldout_chunks < n_chunks:
+            raise StoreError(
+                f"heldout_chunks={heldout_chunks} must leave training chunks in a store of {n_chunks} chunks; "
+                "lower loader.heldout_chunks or generate more rows"
+            )
+        if split == "heldout" and heldout_chunks == 0:
+            raise StoreError("the held-out split is empty (heldout_chunks=0); set loader.heldout_chunks >= 1")
+        self.batch_size = batch_size
+        self.split = split
+        self.prefetch_batches = prefetch_batches
+        self.num_workers = num_workers
+        self.max_rows = max_rows
+        self.n_train_chunks = n_chunks - heldout_chunks
+        self.buffer_chunks = shuffle_buffer_chunks
+        self.rank, self.world_size = rank, world_size
+        if split == "train":
+            self.plan = ShufflePlan(self.n_train_chunks, shuffle_buffer_chunks, seed, rank, world_size)
+        else:
+            self.plan = None
+            heldout = range(self.n_train_chunks, n_chunks)
+            if len(heldout) < world_size:
+                raise StoreError(f"{len(heldout)} held-out chunks cannot be split over {world_size} ranks")
+            self.heldout_order = list(heldout)[rank::world_size]
+        self.device = torch.device(device)
+        # Pinning only helps copies to a CUDA device; elsewhere the request is dropped and rows are
+        # gathered by the same code into pageable memory.
+        self.pinned = bool(pin_memory and self.device.type == "cuda" and torch.cuda.is_available())
+        self.stored_dtypes = [_STORED_TORCH_DTYPE[self.reader.store_dtype(h)] for h in self.hooks]
+        self.out_dtypes = [dtype or stored for stored in self.stored_dtypes]
+        self._cursor = self._fresh_cursor(seed)
+        if cursor is not None:
+            self.load_state_dict(cursor)
+
+    # --- cursor -------------------------------------------------------------------------
+    def _fresh_cursor(self, seed: int) -> Cursor:
+        return Cursor(
+            seed=seed,
+            batch_size=self.batch_size,
+            buffer_chunks=self.buffer_chunks,
+            rank=self.rank,
+            world_size=self.world_size,
+            n_train_chunks=self.n_train_chunks,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch this loader handed out (JSON-able)."""
+        if self.split != "train":
+            raise StoreError("only the training split has a cursor; held-out iteration always starts at its beginning")
+        return self._cursor.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cursor = Cursor.from_dict(state)
+        cursor.check_matches(self._cursor)
+        self._cursor = cursor
+
+    @property
+    def rows_yielded(self) -> int:
+        return self._cursor.rows
+
+    # --- iteration ----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        """Training: continue from the cursor. Held-out: one pass from the start."""
+        start = self._cursor if self.split == "train" else self._fresh_cursor(self._cursor.seed)
+        sink = self._new_sink()
+        producer = Producer(
+            self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
+            start=start, num_workers=self.num_workers, buffer_rows=self.buffer_chunks * self.reader.chunk_rows,
+            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks],
+        )
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        planner = threading.Thread(target=producer.run, args=(ready, stop), daemon=True, name="saeflow-loader")
+        planner.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                future, position = item
+                tensors = sink.deliver(future.result())
+                if self.split == "train":
+                    self._cursor = position
+                yield tensors[0] if self.single_hook else tuple(tensors)
+        finally:
+            stop.set()
+            planner.join()
+
+    def _new_sink(self) -> HostBatches | DeviceBatches:
+        widths = [self.reader.d(h) for h in self.hooks]
+        if self.device.type == "cpu":
+            return HostBatches(self.batch_size, widths, self.stored_dtypes, self.out_dtypes)
+        # One buffer being gathered, `prefetch_batches` queued, one being copied to the device.
+        return DeviceBatches(
+            self.prefetch_batches + 2, self.batch_size, widths, self.stored_dtypes, self.out_dtypes, self.device, self.pinned
+        )
+
+    def _groups(self, start: Cursor) -> Iterator[Group]:
+        """The stream of groups from `start` on; endless for training."""
+        if self.plan is None:
+            for index in range(0, len(self.heldout_order), self.buffer_chunks):
+                chunks = self.heldout_order[index : index + self.buffer_chunks]
+                yield Group(0, index, chunks, self._rows_in(chunks), None, 0)
+            return
+        epoch, group, offset = start.epoch, start.group, start.offset
+        while True:
+            if group >= self.plan.groups_per_epoch:
+                epoch, group, offset = epoch + 1, 0, 0
+                continue
+            chunks = self.plan.group_chunks(epoch, group)
+            n_rows = self._rows_in(chunks)
+            if offset < n_rows:  # a cursor saved at a group's very end resumes at the next one
+                yield Group(epoch, group, chunks, n_rows, self.plan.row_order(epoch, group, n_rows), offset)
+            group, offset = group + 1, 0
+
+    def _rows_in(self, chunks: list[int]) -> int:
+        return sum(stop - start for start, stop in map(self.reader.chunk_bounds, chunks))

@@ -1,0 +1,193 @@
+"""The loader's background work: load groups of chunks, gather their rows into batches.
+
+A planner thread walks the stream of groups. Reader threads copy a group's chunks into one of two
+group buffers while the other is gathered from. Each batch's rows are gathered (np.take: one
+thread per call, GIL released) by builder threads as soon as they are planned, then finished
+(converted) by a builder; the planner queues each batch's future in order, so batches arrive in
+plan order however many builders run. A buffer is reloaded only after every gather reading it
+has finished; a batch may span any number of groups.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from store.rawread import read_mapped_into
+from store.reader import StoreReader
+from store.shuffle import Cursor
+
+END = object()
+_POLL_S = 0.1  # how often a blocked planner checks whether the consumer went away
+
+
+@dataclass(frozen=True)
+class Group:
+    """One buffer-load of rows: which chunks, the order their rows are yielded, from where."""
+
+    epoch: int
+    index: int
+    chunks: list[int]
+    n_rows: int
+    order: np.ndarray | None  # None = store order (held-out split)
+    start: int  # rows of `order` already consumed before this stream began
+
+
+class Sink(Protocol):
+    def begin(self, stop: threading.Event) -> Any | None: ...  # a handle with .arrays, None if stopped
+    def finish(self, handle: Any, rows: int) -> Any: ...  # runs in a builder thread
+
+
+@dataclass
+class _Slot:
+    """A group buffer (one array per hook) and the gathers still reading it."""
+
+    arrays: list[np.ndarray]
+    readers: list[Future] = field(default_factory=list)
+
+    def wait_idle(self) -> None:
+        wait(self.readers)
+        for future in self.readers:
+            future.result()  # surface a failed gather here rather than reading a reloaded buffer
+        self.readers = []
+
+
+@dataclass
+class _PendingBatch:
+    handle: Any
+    parts: list[Future] = field(default_factory=list)
+    filled: int = 0
+
+
+class Producer:
+    def __init__(
+        self,
+        reader: StoreReader,
+        hooks: list[str],
+        groups: Iterator[Group],
+        sink: Sink,
+        *,
+        batch_size: int,
+        max_rows: int | None,
+        start: Cursor,
+        num_workers: int,
+        buffer_rows: int,
+        buffer_dtypes: list[np.dtype],
+    ):
+        self.reader, self.hooks, self.groups, self.sink = reader, hooks, groups, sink
+        self.batch_size, self.max_rows, self.num_workers = batch_size, max_rows, num_workers
+        self.position = replace(start)
+        self.rows_emitted = start.rows
+        self.slots = [
+            _Slot([np.empty((buffer_rows, reader.d(h)), dtype=dt) for h, dt in zip(hooks, buffer_dtypes)])
+            for _ in range(2)
+        ]
+
+    def run(self, ready: queue.Queue, stop: threading.Event) -> None:
+        """Thread body: put (future of a finished batch, cursor after it) items, then END."""
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():  # the consumer may have gone away
+                try:
+                    ready.put(item, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            with ThreadPoolExecutor(self.num_workers, thread_name_prefix="saeflow-read") as loaders, \
+                    ThreadPoolExecutor(self.num_workers, thread_name_prefix="saeflow-gather") as builders:
+                for item in self._batches(loaders, builders, stop):
+                    if not put(item):
+                        break
+            put(END)  # leaving the pools waited for every load and gather still running
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer thread
+            put(error)
+
+    # --- planning -----------------------------------------------------------------------
+    def _target_rows(self) -> int:
+        if self.max_rows is None:
+            return self.batch_size
+        return max(0, min(self.batch_size, self.max_rows - self.rows_emitted))
+
+    def _batches(self, loaders: ThreadPoolExecutor, builders: ThreadPoolExecutor, stop: threading.Event) -> Iterator[tuple]:
+        current = next(self.groups, None)
+        loading = self._load(current, self.slots[0], loaders) if current else []
+        slot, pending, target = 0, None, self._target_rows()
+        try:
+            while current is not None and target and not stop.is_set():
+                for future in loading:
+                    future.result()
+                following = next(self.groups, None)
+                loading = []
+                offset = current.start
+                while offset < current.n_rows and target:
+                    if pending is None:
+                        handle = self.sink.begin(stop)
+                        if handle is None:
+                            return  # the consumer went away
+                        pending = _PendingBatch(handle)
+                    take = min(target - pending.filled, current.n_rows - offset)
+                    part = builders.submit(self._gather, current, self.slots[slot].arrays, offset, take, pending.handle.arrays, pending.filled)
+                    self.slots[slot].readers.append(part)
+                    pending.parts.append(part)
+                    pending.filled += take
+                    offset += take
+                    self.position = replace(self.position, epoch=current.epoch, group=current.index, offset=offset)
+                    if pending.filled == target:
+                        yield self._finish(pending, builders)
+                        pending, target = None, self._target_rows()
+                    if following is not None and not loading:
+                        # The other buffer's gathers were all submitted before this group's
+                        # first one; once they finish, the next group loads into it.
+                        other = self.slots[1 - slot]
+                        other.wait_idle()
+                        loading = self._load(following, other, loaders)
+                current, slot = following, 1 - slot
+            if pending is not None and pending.filled:  # the short last batch of a finite stream
+                yield self._finish(pending, builders)
+        finally:
+            for future in loading:
+                future.cancel()
+
+    def _finish(self, pending: _PendingBatch, builders: ThreadPoolExecutor) -> tuple[Future, Cursor]:
+        # Parts were submitted before this task, so a FIFO pool has started them all already.
+        future = builders.submit(self._complete, pending.parts, pending.handle, pending.filled)
+        self.rows_emitted += pending.filled
+        self.position = replace(self.position, rows=self.rows_emitted, batches=self.position.batches + 1)
+        return future, self.position
+
+    def _complete(self, parts: list[Future], handle: Any, rows: int) -> Any:
+        for part in parts:
+            part.result()
+        return self.sink.finish(handle, rows)
+
+    @staticmethod
+    def _gather(group: Group, buffers: list[np.ndarray], offset: int, take: int, targets: list[np.ndarray], at: int) -> None:
+        for buffer, out in zip(buffers, targets):
+            if group.order is None:
+                np.copyto(out[at : at + take], buffer[offset : offset + take])
+            else:  # mode="clip" skips numpy's buffered bounds check (indices are in range)
+                np.take(buffer, group.order[offset : offset + take], axis=0, out=out[at : at + take], mode="clip")
+
+    # --- loading ------------------------------------------------------------------------
+    def _load(self, group: Group, slot: _Slot, loaders: ThreadPoolExecutor) -> list[Future]:
+        futures, row = [], 0
+        for chunk in group.chunks:
+            start, stop = self.reader.chunk_bounds(chunk)
+            for hook, buffer in zip(self.hooks, slot.arrays):
+                futures.append(loaders.submit(self._copy_chunk, hook, chunk, buffer[row : row + stop - start]))
+            row += stop - start
+        return futures
+
+    def _copy_chunk(self, hook: str, chunk: int, target: np.ndarray) -> None:
+        rows = self.reader.read_chunk(hook, chunk)  # a memmap of a raw chunk, or decoded by zarr
+        if not read_mapped_into(rows, target):
+            np.copyto(target, rows, casting="no")
