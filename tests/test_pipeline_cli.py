@@ -46,7 +46,7 @@ def test_generate_writes_a_valid_store(tiny_run):
 def test_train_saves_a_loadable_sae_that_reconstructs(tiny_run):
     run = tiny_run / "results" / "tiny" / "sae"
     weights = load_file(str(run / "sae.safetensors"))
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())["sae"]
     assert weights["W_dec"].shape == (config["d_model"] * config["expansion_factor"], config["d_model"])
     metrics = json.loads((run / "train_metrics.json").read_text())["heldout"]
     assert 0 < metrics["fvu"] < 1, metrics  # better than predicting the mean
