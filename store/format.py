@@ -3,12 +3,18 @@
 A store is a zarr v3 group directory. The manifest lives in the group attributes under
 "saeflow"; zarr's LocalStore writes metadata through temp file + rename, so a manifest update is
 atomic and readers see either the old or the new one. Readers trust only the committed row
-count in the manifest, never the arrays' shapes (arrays are pre-sized to capacity).
+count in the manifest, never the arrays' shapes (arrays are pre-sized to capacity while a store
+is written and trimmed to the row count when it completes).
+
+Per-chunk checksums live in small uint64 arrays `checksums/<array path>` rather than in the
+manifest: a 1B-token store has ~100k chunks, and rewriting them all in the manifest at every
+commit would make generation quadratic. Entries at or beyond the manifest's n_chunks mean nothing.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,15 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 # zarr 3.1 has no bfloat16 dtype: bfloat16 activations are stored as their uint16 bit patterns.
 STORE_DTYPES = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}
 TOKEN_ARRAYS = {"tokens": "<i4", "doc": "<i8", "pos": "<i4"}
+CHECKSUM_BLOCK = 4096  # checksum entries per file of a checksums/ array
+
+try:  # xxh3 hashes at memory speed; blake2b (stdlib) is the portable fallback
+    import xxhash
+
+    CHECKSUM_ALGORITHM = "xxh3_64"
+except ImportError:  # pragma: no cover - xxhash is installed in the project's environment
+    xxhash = None
+    CHECKSUM_ALGORITHM = "blake2b_64"
 
 
 class StoreError(RuntimeError):
@@ -36,6 +51,29 @@ def now() -> str:
 
 def acts_path(hook: str) -> str:
     return f"acts/{hook}"
+
+
+def checksum_path(array_path: str) -> str:
+    return f"checksums/{array_path}"
+
+
+def stats_path(hook: str) -> str:
+    return f"stats/{hook}"
+
+
+def data_array_paths(manifest: dict[str, Any]) -> list[str]:
+    """Every row-aligned array of a store: acts/<hook> for each hook, then tokens, doc, pos."""
+    return [acts_path(hook) for hook in manifest["hook_points"]] + list(TOKEN_ARRAYS)
+
+
+def chunk_checksum(data: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM) -> int:
+    """A 64-bit checksum of an array's raw C-order bytes (the bytes a chunk file holds)."""
+    buffer = memoryview(np.ascontiguousarray(data)).cast("B")
+    if algorithm == "xxh3_64" and xxhash is not None:
+        return xxhash.xxh3_64_intdigest(buffer)
+    if algorithm == "blake2b_64":
+        return int.from_bytes(hashlib.blake2b(buffer, digest_size=8).digest(), "little")
+    raise StoreError(f"checksum algorithm {algorithm!r} is not available here; install xxhash to verify this store")
 
 
 def default_chunk_rows(d_max: int, itemsize: int) -> int:
@@ -91,6 +129,16 @@ def create_store(
             fill_value=0,
             config={"write_empty_chunks": True},
         )
+    capacity_chunks = capacity // chunk_rows
+    for array_path in [*map(acts_path, hook_dims), *TOKEN_ARRAYS]:
+        group.create_array(
+            checksum_path(array_path),
+            shape=(capacity_chunks,),
+            chunks=(CHECKSUM_BLOCK,),
+            dtype="<u8",
+            compressors=None,
+            fill_value=0,
+        )
     full = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -102,7 +150,8 @@ def create_store(
         "n_chunks": 0,
         "n_rows": 0,
         "complete": False,
-        "checksums": {name: [] for name in [*hook_dims, *TOKEN_ARRAYS]},
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "stats": None,  # {"chunks", "rows", "checksums"} of the saved stats/ arrays
         "cursor": None,
         "created": now(),
         "updated": now(),
@@ -110,6 +159,17 @@ def create_store(
     }
     write_manifest(group, full)
     return group
+
+
+def resize_rows(group: zarr.Group, manifest: dict[str, Any], rows: int) -> None:
+    """Set every row-aligned array to `rows` rows and the checksum arrays to the matching chunks."""
+    chunk_rows = int(manifest["chunk_rows"])
+    chunks = -(-rows // chunk_rows)
+    for array_path in data_array_paths(manifest):
+        array = group[array_path]
+        array.resize((rows, *array.shape[1:]))
+        group[checksum_path(array_path)].resize((chunks,))
+    manifest["capacity_rows"] = rows
 
 
 def write_manifest(group: zarr.Group, manifest: dict[str, Any]) -> None:
@@ -136,3 +196,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def numpy_dtype(store_dtype: str) -> np.dtype:
     """The dtype that raw chunk bytes hold; bfloat16 is read as uint16 bit patterns."""
     return np.dtype(STORE_DTYPES[store_dtype])
+
+
+def as_float64(rows: np.ndarray, store_dtype: str) -> np.ndarray:
+    """Stored rows as float64 values (bfloat16 bit patterns widened exactly)."""
+    if store_dtype == "bfloat16":
+        return (np.asarray(rows).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.asarray(rows, dtype=np.float64)

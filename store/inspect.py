@@ -1,0 +1,95 @@
+"""A human-readable summary of a store: manifest, provenance, sizes on disk, hooks, statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from store.format import TOKEN_ARRAYS, acts_path, read_manifest
+from store.saved_stats import moments_from_arrays, read_stats_arrays, stats_problems
+
+
+def describe_store(path: str | Path) -> str:
+    path = Path(path)
+    manifest = read_manifest(path)
+    group = zarr.open_group(str(path), mode="r")
+    rows, chunks = int(manifest["n_rows"]), int(manifest["n_chunks"])
+    state = "complete" if manifest["complete"] else "INCOMPLETE (rerun generate to resume)"
+    lines = [
+        f"store      {path}  ({state})",
+        f"format     {manifest['format']} v{manifest['version']}, saeflow {manifest.get('saeflow_version', '?')}",
+        f"rows       {rows:,} in {chunks} chunks of {manifest['chunk_rows']} rows"
+        + (f", {manifest['shard_chunks']} chunks per shard" if manifest.get("shard_chunks") else "")
+        + f", compressor {manifest.get('compressor') or 'none'}",
+        f"written    created {manifest.get('created')}, updated {manifest.get('updated')}",
+        f"size       {_human(_disk_bytes(path))} on disk",
+    ]
+    lines += _provenance(manifest)
+    lines.append("hooks")
+    for hook, info in manifest["hook_points"].items():
+        lines.append(f"  {hook}: d={info['d']} {info['dtype']}, {_human(_disk_bytes(path / acts_path(hook)))}")
+        lines.append(f"    {_stats_summary(group, manifest, hook)}")
+    lines.append(_token_summary(group, manifest))
+    return "\n".join(lines)
+
+
+def _provenance(manifest: dict) -> list[str]:
+    model = manifest.get("model") or {}
+    dataset = manifest.get("dataset") or {}
+    tokenizer = manifest.get("tokenizer") or {}
+    if not model:
+        return []
+    return [
+        f"model      {model.get('name')} ({model.get('architecture') or '?'}, {model.get('n_layers')} layers, "
+        f"d_model {model.get('d_model')}, {model.get('dtype')}) from {model.get('source')}",
+        f"tokenizer  {tokenizer.get('name') or tokenizer.get('class')}: bos {tokenizer.get('bos_id')}, "
+        f"eos {tokenizer.get('eos_id')}, pad {tokenizer.get('pad_id')}",
+        f"dataset    {dataset.get('source')} split {dataset.get('split')}, fingerprint {dataset.get('fingerprint')}",
+        f"windows    context {manifest.get('context_size')}, prepend_bos {manifest.get('prepend_bos')}, "
+        f"pack {manifest.get('pack')}, dropped {', '.join(manifest.get('dropped_special_tokens') or []) or 'none'}",
+    ]
+
+
+def _stats_summary(group: zarr.Group, manifest: dict, hook: str) -> str:
+    if not manifest.get("stats"):
+        return "stats: none saved yet"
+    problems = stats_problems(group, manifest, hook)
+    if problems:
+        return f"stats: unusable ({problems[0]})"
+    moments = moments_from_arrays(read_stats_arrays(group, hook))
+    if moments.count < 2:
+        return f"stats: {moments.count} rows"
+    eigenvalues = np.linalg.eigvalsh(moments.covariance().numpy())
+    total = float(eigenvalues.sum())
+    top = float(eigenvalues[-1]) / total if total > 0 else float("nan")
+    return (
+        f"stats over {moments.count:,} rows: mean norm {moments.mean_norm:.4g}, |mean| "
+        f"{float(np.linalg.norm(moments.mean.numpy())):.4g}, variance {total:.4g}, top eigenvalue share {top:.3f}"
+    )
+
+
+def _token_summary(group: zarr.Group, manifest: dict) -> str:
+    rows = int(manifest["n_rows"])
+    if rows == 0:
+        return "tokens     none committed yet"
+    doc = group["doc"]
+    first, last = int(doc[0]), int(doc[rows - 1])
+    tokens = f"{_human(sum(_disk_bytes(Path(group.store.root) / name) for name in TOKEN_ARRAYS))} of tokens/doc/pos"
+    return f"tokens     {rows:,} rows from documents {first}..{last}; {tokens}"
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
