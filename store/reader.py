@@ -7,6 +7,7 @@ shard index), so the fast path maps it without a copy or a codec.
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from pathlib import Path
 
@@ -121,8 +122,19 @@ class StoreReader:
 
 
 def to_torch(rows: np.ndarray, store_dtype: str) -> torch.Tensor:
-    """A CPU tensor of the stored values without a dtype conversion (bfloat16 bits reinterpreted)."""
+    """A CPU tensor of the stored values without a dtype conversion (bfloat16 bits reinterpreted).
+
+    Read-only memmapped rows stay read-only: torch would warn that it cannot mark the tensor so,
+    and callers only read these tensors (or convert them, which copies)."""
     rows = np.ascontiguousarray(rows)
+    if not rows.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return _from_numpy(rows, store_dtype)
+    return _from_numpy(rows, store_dtype)
+
+
+def _from_numpy(rows: np.ndarray, store_dtype: str) -> torch.Tensor:
     if store_dtype == "bfloat16":
         return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(rows)
