@@ -60,7 +60,7 @@ def project(tmp_path_factory) -> Path:
     replace_once(dvc_yaml, "store: data/minilm-l3.zarr", "store: data/tiny.zarr")
     replace_once(dvc_yaml, "run: results/minilm-docstrings", "run: results/tiny")
     replace_once(dvc_yaml, "top_k: [16, 32, 64]", "top_k: [4]")  # one sweep member keeps the test fast
-    replace_once(dvc_yaml, "total_tokens: 262144", "total_tokens: 4096")
+    replace_once(dvc_yaml, "total_tokens: 131072", "total_tokens: 4096")
     run("git", "init", "-q", cwd=root)
     if not (root / ".dvc" / "config").is_file():
         run("dvc", "init", "-q", cwd=root)
