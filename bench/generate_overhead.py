@@ -7,8 +7,10 @@ In one run, on the MiniLM default (configs/minilm-docstrings.yaml: layer 3 resid
 - generate: the whole stage (tokenize, window, forward, select rows, fp16, queue, background
   writes, checksums, float64 statistics, commits) into a fresh store, timed to the final flush.
 Tokens/s counts positions forwarded (the same number in both); the ratio is the median over
-rounds of forward, generate, generate, forward (ABBA, so a shared machine's drifting load cancels). Then the writer alone: fp16 rows
-of d=384 put as fast as possible (MB/s of activation bytes committed, with checksums and stats).
+rounds of forward, generate, generate, forward (ABBA, so a shared machine's drifting load cancels).
+Also printed: the share of generate's wall time spent inside the LM forward (the rest is the
+producer's own work and the final flush). Then the writer alone: fp16 rows of d=384 put as fast
+as possible (MB/s of activation bytes committed, with checksums and stats).
 
     .venv/bin/python bench/generate_overhead.py [--tokens N] [--rounds R]
 """
@@ -58,15 +60,16 @@ def forward_rate(lm, batches, hooks) -> tuple[float, float]:
     return tokens / (time.perf_counter() - began), tokens / (time.process_time() - cpu)
 
 
-def generate_rate(cfg, lm, store: Path, batches: list) -> tuple[float, float]:
-    """(tokens per wall second, per CPU second) of a whole generate run into a fresh store."""
+def generate_rate(cfg, lm, store: Path, batches: list) -> tuple[float, float, float]:
+    """(tokens per wall second, per CPU second, share of the wall time in the LM forward) of a
+    whole generate run into a fresh store."""
     run = cfg.model_copy(deep=True)
     run.generate.store = str(store)
     cpu = time.process_time()
     result = generate(run, lm=lm)
     cpu = time.process_time() - cpu
     assert result.tokens_forwarded == sum(b.tokens.size for b in batches), "generate made other batches"
-    return result.tokens_forwarded / result.seconds, result.tokens_forwarded / cpu
+    return result.tokens_forwarded / result.seconds, result.tokens_forwarded / cpu, result.forward_seconds / result.seconds
 
 
 def writer_rate(directory: Path, d: int = 384, chunk_rows: int = 16384, chunks: int = 24) -> float:
@@ -95,7 +98,7 @@ def main() -> None:
         hooks = list(cfg.generate.hook_points)
         batches = same_batches(cfg, lm)
         forward_rate(lm, batches[:4], hooks)  # warm-up: allocator, kernels, corpus cache
-        forward, generated, ratios, cpu_ratios = [], [], [], []
+        forward, generated, ratios, cpu_ratios, shares = [], [], [], [], []
         for round_ in range(args.rounds):
             # forward, generate, generate, forward: a load that drifts linearly within a round
             # (this machine is shared) cancels out of the round's ratio.
@@ -109,6 +112,7 @@ def main() -> None:
             generated.append(gen_wall)
             ratios.append(gen_wall / fwd_wall)
             cpu_ratios.append(gen_cpu / fwd_cpu)
+            shares += [g1[2], g2[2]]
             print(f"round {round_}: forward {fwd_wall:,.0f} tok/s, generate {gen_wall:,.0f} tok/s "
                   f"(ratio {ratios[-1]:.3f}; per CPU second {cpu_ratios[-1]:.3f})", flush=True)
         write_mb_s = writer_rate(tmp)
@@ -116,6 +120,7 @@ def main() -> None:
     print(f"model {cfg.model.name}, hooks {hooks}, context {cfg.generate.context_size}, batch {cfg.generate.batch_size}, "
           f"{len(batches)} batches x {args.rounds} rounds, torch threads {torch.get_num_threads()}")
     print(f"forward (median): {fwd:,.0f} tok/s; generate (median): {gen:,.0f} tok/s")
+    print(f"share of generate's wall time inside the LM forward (median): {statistics.median(shares):.3f}")
     print(f"per-round ratios {[round(r, 3) for r in ratios]}; CPU-time ratio (median) {statistics.median(cpu_ratios):.3f}")
     print(f"store writer alone (d=384 fp16, 16384-row chunks, checksums + float64 stats): {write_mb_s:,.0f} MB/s")
     print(f"generate/forward: {statistics.median(ratios):.3f} (goal >= 0.95)")

@@ -54,6 +54,7 @@ class GenerateResult:
     rows_written: int  # rows this call added
     tokens_forwarded: int  # positions run through the LM by this call (incl. dropped and padding)
     seconds: float  # time in the batch loop, including the final flush to disk
+    forward_seconds: float  # of which in the LM forward pass
     resumed: bool
     already_complete: bool
 
@@ -71,7 +72,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
         manifest = _existing_store(path, cfg, overwrite)
         if manifest is not None and manifest["complete"]:
             _say(f"store {path} is complete ({manifest['n_rows']} rows, same config); nothing to do")
-            return GenerateResult(path, manifest["n_rows"], 0, 0, 0.0, resumed=False, already_complete=True)
+            return GenerateResult(path, manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
         lm = lm or load_language_model(cfg.model)
         hook_dims, spec = check_model(lm, cfg)
         torch.manual_seed(g.seed)
@@ -98,7 +99,7 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
     hooks = list(g.hook_points)
     delay = float(os.environ.get(BATCH_DELAY_ENV, "0") or 0)
     rows_before = rows = writer.rows_accepted
-    forwarded = 0
+    forwarded, forward_seconds = 0, 0.0
     began = time.perf_counter()
     bar = tqdm(total=g.target_tokens, initial=rows, unit="tok", unit_scale=True, desc="generate", dynamic_ncols=True)
     try:
@@ -110,7 +111,9 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
             if not len(keep):
                 continue  # every row of this batch is already stored (resume at a batch's end)
             mask = None if batch.attention_mask is None else torch.from_numpy(batch.attention_mask)
+            forward_began = time.perf_counter()
             acts = lm.run_hooks(torch.from_numpy(batch.tokens), hooks, attention_mask=mask)
+            forward_seconds += time.perf_counter() - forward_began
             forwarded += batch.tokens.size
             index = torch.from_numpy(keep).to(lm.device)
             selected = {hook: act.reshape(-1, act.shape[-1]).index_select(0, index) for hook, act in acts.items()}
@@ -133,7 +136,7 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
     seconds = time.perf_counter() - began
     ended = "target reached" if rows >= g.target_tokens else "data exhausted"
     _say(f"store {writer.path}: {writer.n_rows} rows in {writer.n_chunks} chunks ({ended})")
-    return GenerateResult(writer.path, writer.n_rows, rows - rows_before, forwarded, seconds, resumed, False)
+    return GenerateResult(writer.path, writer.n_rows, rows - rows_before, forwarded, seconds, forward_seconds, resumed, False)
 
 
 def window_batches(cfg: ExperimentConfig, lm: LanguageModel, spec: WindowSpec, start: WindowCursor = WindowCursor(), first_batch: int = 0) -> Iterator[Batch]:

@@ -9,7 +9,9 @@ checkpoints continues from the newest step that every variant has saved.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ def run_train(cfg: ExperimentConfig) -> list[Path]:
     cursor, start_step = _resume(trainers)
 
     device = trainers[0].sae.W_dec.device
+    if device.type == "cpu":
+        keep_large_blocks_in_heap()
     loader = ActivationLoader(
         reader, hooks, batch_size=batch_size, split="train", seed=cfg.loader.seed,
         shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, prefetch_batches=cfg.loader.prefetch_batches,
@@ -74,6 +78,24 @@ def run_train(cfg: ExperimentConfig) -> list[Path]:
                 trainer.save(state)
     progress.close()
     return [_finish(trainer, reader, hooks) for trainer in trainers]
+
+
+def keep_large_blocks_in_heap() -> bool:
+    """CPU training allocates and frees several (batch, d_sae) tensors a step (48 MiB each at
+    4096 x 3072). glibc serves blocks above its mmap threshold (32 MiB at most) with fresh
+    mmaps and unmaps them on free, so every step page-faults and zeroes them again: elementwise
+    passes over them ran 2-5x slower than on reused memory (bench/train_throughput.py). Here the
+    process keeps such blocks in its heap (no mmap for allocations, no trimming of the heap's
+    top below 2 GiB), so a freed block is reused by the next step. Process-wide and harmless
+    beyond holding on to the peak heap; glibc only (returns False where mallopt is missing)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def open_store(path: str) -> StoreReader:

@@ -27,29 +27,18 @@ def chunk_moments(rows: np.ndarray, store_dtype: str, device: str | torch.device
     the same bits, so merging chunk after chunk reproduces a store's statistics exactly (resume
     replays them).
 
-    The d x d product is the main cost of generation statistics. On the CPU numpy's `x.T @ x`
-    runs as a BLAS syrk (half a gemm's work); on a GPU (`device`, the LM's) it is nearly free,
-    and a CPU would fall behind a fast LM at large d.
+    The d x d product is the main cost of generation statistics; on a GPU (`device`, the LM's) it
+    is nearly free. On a CPU it runs through torch (MKL, OpenMP) rather than numpy's OpenBLAS,
+    whose worker threads spin after each call and halved the LM's speed on a 2-core machine.
     """
-    x = as_float64(rows, store_dtype)  # a new array: stored dtypes are never float64
-    if torch.device(device).type != "cpu":
-        return device_chunk_moments(torch.from_numpy(x).to(device))
-    norm_sum = float(np.sqrt(np.einsum("ij,ij->i", x, x)).sum())
-    mean = x.mean(axis=0)
-    x -= mean
-    return _moments(x.shape[0], mean, x.T @ x, norm_sum)
-
-
-def device_chunk_moments(x: torch.Tensor) -> RunningMoments:
-    """chunk_moments of float64 rows already on a torch device."""
+    x = torch.from_numpy(as_float64(rows, store_dtype)).to(device)
     norm_sum = float(torch.linalg.vector_norm(x, dim=1).sum())
     mean = x.mean(dim=0)
     centered = x - mean
-    return _moments(x.shape[0], mean.cpu().numpy(), (centered.T @ centered).cpu().numpy(), norm_sum)
-
-
-def _moments(count: int, mean: np.ndarray, m2: np.ndarray, norm_sum: float) -> RunningMoments:
-    return RunningMoments.from_state({"d": mean.shape[0], "count": count, "norm_sum": norm_sum, "mean": mean, "M2": m2})
+    m2 = centered.T @ centered
+    return RunningMoments.from_state(
+        {"d": x.shape[1], "count": x.shape[0], "norm_sum": norm_sum, "mean": mean.cpu().numpy(), "M2": m2.cpu().numpy()}
+    )
 
 
 def stats_arrays(moments: RunningMoments) -> dict[str, np.ndarray]:
