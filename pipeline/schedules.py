@@ -13,7 +13,8 @@ from pipeline.config import TrainConfig
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Linear warmup over lr_warmup_steps, then the schedule's shape, reaching 0 at the end.
 
-    constant: flat, then linear decay to 0 over the last lr_decay_steps.
+    constant: flat, then linear decay to 0 over the last lr_decay_steps (at most all the steps
+              after warmup, so a short run, e.g. a sweep's, keeps the peak lr after warmup).
     linear:   linear decay from 1 after warmup to 0 at total_steps.
     cosine:   cosine decay from 1 after warmup to 0 at total_steps.
     """
@@ -25,9 +26,9 @@ def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:
         return 1.0 - progress
     if cfg.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    decay_start = total_steps - cfg.lr_decay_steps
-    if cfg.lr_decay_steps and step >= decay_start:
-        return max(total_steps - step, 0) / cfg.lr_decay_steps
+    decay_steps = min(cfg.lr_decay_steps, after_warmup)
+    if decay_steps and step >= total_steps - decay_steps:
+        return max(total_steps - step, 0) / decay_steps
     return 1.0
 
 

@@ -140,6 +140,8 @@ def test_schedules():
     assert lr_multiplier(0, 100, cfg) == pytest.approx(0.1)
     assert lr_multiplier(50, 100, cfg) == 1.0
     assert lr_multiplier(90, 100, cfg) == pytest.approx(0.5)
+    # a decay longer than the run starts at the peak right after warmup
+    assert lr_multiplier(10, 25, cfg) == 1.0 and lr_multiplier(20, 25, cfg) == pytest.approx(1 / 3)
     cosine = cfg.model_copy(update={"lr_schedule": "cosine"})
     assert lr_multiplier(10, 100, cosine) == pytest.approx(1.0) and lr_multiplier(100, 100, cosine) == pytest.approx(0)
     anneal = cfg.model_copy(update={"k_anneal_steps": 10})
