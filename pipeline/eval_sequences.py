@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ExperimentConfig
+from pipeline.generate import window_spec
 from pipeline.lm import LanguageModel
 from pipeline.text import iter_documents
-from pipeline.windows import BOS, PAD, WindowCursor, WindowSpec, encoded_documents, iter_windows
+from pipeline.windows import BOS, PAD, WindowCursor, encoded_documents, iter_windows
 from store.reader import StoreReader
 from store.store_stats import split_chunks
 
@@ -50,13 +51,6 @@ class EvalSequences:
         """(N, T - 1) bool: the prediction at position t (of token t + 1) counts."""
         before, after = self.role[:, :-1], self.role[:, 1:]
         return (before != BOS) & (before != PAD) & (after != PAD)
-
-
-def window_spec(cfg: ExperimentConfig, lm: LanguageModel) -> WindowSpec:
-    """The WindowSpec generate uses (pad falls back to EOS, then 0, as in generate)."""
-    g = cfg.generate
-    pad_id = next((i for i in (lm.pad_id, lm.eos_id) if i is not None), 0)
-    return WindowSpec(g.context_size, g.prepend_bos, g.pack, lm.bos_id, lm.eos_id, pad_id)
 
 
 def first_unused_document(reader: StoreReader) -> int:
