@@ -50,6 +50,8 @@ def run_train(cfg: ExperimentConfig) -> list[Path]:
     trainers = [_build_variant(name, variant_cfg, reader, hooks, root / name, total_steps)
                 for name, variant_cfg in variants]
     cursor, start_step = _resume(trainers)
+    for trainer in trainers:
+        trainer.open_tracker()
 
     device = trainers[0].sae.W_dec.device
     if device.type == "cpu":
@@ -182,5 +184,6 @@ def _finish(trainer: VariantTrainer, reader: StoreReader, hooks: list[str]) -> P
     save_sae(trainer.sae, trainer.out_dir)
     export_saelens(trainer.sae, trainer.out_dir / "saelens")
     (trainer.out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    trainer.close_tracker(metrics["heldout"])
     return trainer.out_dir
 

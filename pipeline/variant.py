@@ -20,6 +20,7 @@ from pipeline.losses import aux_k_loss, l1_sparsity, reconstruction_loss, tanh_s
 from pipeline.models import SparseAutoencoder
 from pipeline.schedules import annealed_k, lr_multiplier, sparsity_coefficient
 from pipeline.sparse_topk import gathered_encoder_values
+from pipeline.trackers import numeric_scalars, open_tracker
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than 10% of tokens counts as dense
 _AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +46,20 @@ class VariantTrainer:
         self._clock = time.perf_counter()
         if cfg.train.decoder_norm == "unit":
             move_decoder_norms_into_encoder(sae)
+            sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
         self.log_path = out_dir / "train_log.jsonl"
+        self.tracker = None
+
+    def open_tracker(self) -> None:
+        """Start train.logger's tracker (after any resume, so it knows the step to continue at)."""
+        self.tracker = open_tracker(self.train_cfg.logger, self.out_dir, self.name,
+                                    self.cfg.model_dump(mode="json"), resume_step=self.step)
+
+    def close_tracker(self, heldout_metrics: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.log(numeric_scalars(heldout_metrics, "heldout/"), self.step)
+            self.tracker.close()
+            self.tracker = None
 
     # --- one step -----------------------------------------------------------------------
     def train_step(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
@@ -132,6 +146,8 @@ class VariantTrainer:
         self._window = _LogWindow()
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(numeric_scalars(record, "train/"), self.step)
         self.last_record = record
 
     # --- checkpoints --------------------------------------------------------------------

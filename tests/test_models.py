@@ -81,6 +81,30 @@ def test_topk_ranks_by_decoder_norm_when_asked():
     assert torch.equal(plain_chosen, torch.zeros_like(plain_chosen).scatter(-1, plain_expected, True) & (plain.encode_pre(x) > 0))
 
 
+@pytest.mark.parametrize("act_fn", ["topk", "batchtopk", "jumprelu"])
+def test_unit_decoder_rows_flag_only_skips_a_multiply_by_one(act_fn):
+    sae = make_sae(act_fn=act_fn, topk_decode="dense", jumprelu_window=0.1)
+    with torch.no_grad():
+        if act_fn == "jumprelu":
+            sae.log_threshold.fill_(math.log(0.05))
+        if act_fn == "batchtopk":
+            sae.batchtopk_threshold.fill_(0.05)
+    sae.set_decoder_norm_to_unit_norm()
+    x = torch.randn(16, D)
+    for training in (True, False):
+        sae.train(training)
+        sae.decoder_rows_are_unit = False
+        reference = sae.encode(x)
+        sae.decoder_rows_are_unit = True
+        assert torch.equal((sae.encode(x) != 0), (reference != 0))
+        assert torch.allclose(sae.encode(x), reference)
+    folded = make_sae(act_fn=act_fn, norm_activation="dataset-wise")
+    folded.decoder_rows_are_unit = True
+    folded.norm_factor_out.fill_(2.0)
+    folded.fold_normalization()  # rows shrink by the factor: the flag no longer holds
+    assert not folded.decoder_rows_are_unit
+
+
 def test_transcoder_reads_one_space_and_writes_another():
     sae = make_sae(act_fn="relu", hook_point_out="blocks.0.hook_mlp_out")
     assert sae.cfg.is_transcoder

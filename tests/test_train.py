@@ -146,3 +146,43 @@ def test_schedules():
     assert lr_multiplier(10, 100, cosine) == pytest.approx(1.0) and lr_multiplier(100, 100, cosine) == pytest.approx(0)
     anneal = cfg.model_copy(update={"k_anneal_steps": 10})
     assert annealed_k(0, 8, 256, anneal) == 32 and annealed_k(10, 8, 256, anneal) == 8
+
+
+def test_tensorboard_logger_gets_every_log_record_and_resumes_without_duplicates(store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = ("train.logger=tensorboard", "train.log_every_steps=1", "train.checkpoint_every_tokens=2048")
+    run = run_train(tiny_config(store, tmp_path, *overrides))[0]
+    logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    fvu = [(event.step, event.value) for event in events.Scalars("train/fvu")]
+    assert fvu == [(record["step"], pytest.approx(record["fvu"])) for record in logged]
+    heldout = json.loads((run / "train_metrics.json").read_text())["heldout"]
+    assert events.Scalars("heldout/fvu")[0].value == pytest.approx(heldout["fvu"])
+
+    # a run resumed from its first checkpoint (step 8) replaces what the first run logged after it
+    for late in sorted((run / "checkpoints").glob("step-*"))[1:]:
+        for file in late.iterdir():
+            file.unlink()
+        late.rmdir()
+    run_train(tiny_config(store, tmp_path, *overrides))
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    steps = [event.step for event in events.Scalars("train/fvu")]
+    assert steps == sorted(set(steps)) == [record["step"] for record in logged]
+
+
+def test_wandb_tracker_runs_offline_or_names_its_install(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.trackers import open_tracker
+
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install 'wandb"):
+            open_tracker("wandb", tmp_path, "sae", {}, resume_step=0)
+    else:  # installed here: an offline run must start, log and finish
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        tracker = open_tracker("wandb", tmp_path, "sae", {}, resume_step=0)
+        tracker.log({"train/fvu": 0.5}, step=1)
+        tracker.close()
+        assert (tmp_path / "wandb_run_id").read_text()
