@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pipeline.activations import batch_topk_mask, heaviside_step, jumprelu, update_batchtopk_threshold
 from pipeline.sae_config import SAEConfig
-from pipeline.sparse_topk import gathered_encoder_values, sparse_decode, topk_indices
+from pipeline.sparse_topk import gathered_encoder_values, pre_activations_no_grad, sparse_decode, topk_indices
 
 # Momentum of the running BatchTopK inference threshold (SAELens' topk_threshold_lr).
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.01
@@ -42,8 +42,9 @@ class SAEOutput:
     """What the trainer needs besides x_hat.
 
     hidden_pre keeps its graph: an AuxK (dead-latent) loss or l0_pseudo can backpropagate
-    through it. On the sparse topk path feature_acts is None and (top_values, top_indices)
-    carry the activations."""
+    through it. On the sparse topk path feature_acts is None, (top_values, top_indices) carry
+    the activations, and hidden_pre has no graph (without GLU): gradients to the encoder go
+    through pipeline.sparse_topk.gathered_encoder_values, AuxK's too."""
 
     hidden_pre: Tensor
     feature_acts: Tensor | None
@@ -255,11 +256,14 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.act_fn != "topk":
             raise ValueError(f"sparse encoding is for act_fn='topk', not {self.cfg.act_fn!r}")
         x = x.to(self.W_enc.dtype)
-        hidden_pre = self.encode_pre(x)
-        indices = topk_indices(self.gate(hidden_pre), k or self.cfg.top_k)
         if self.cfg.use_glu_encoder or x.dim() != 2:
+            hidden_pre = self.encode_pre(x)
+            indices = topk_indices(self.gate(hidden_pre), k or self.cfg.top_k)
             values = hidden_pre.gather(-1, indices).relu()  # GLU: plain autograd
         else:
+            # hidden_pre is only selected from here (and by AuxK); gradients take the sparse route
+            hidden_pre = pre_activations_no_grad(x, self.W_enc, self.b_enc)
+            indices = topk_indices(self.gate(hidden_pre), k or self.cfg.top_k)
             values = gathered_encoder_values(x, self.W_enc, self.b_enc, hidden_pre, indices)
         return values, indices, hidden_pre
 

@@ -315,3 +315,16 @@ def test_training_step_under_bfloat16_autocast_keeps_float32_gradients(act_fn):
     for name, param in sae.named_parameters():
         assert param.grad is not None and param.grad.dtype == torch.float32, name
         assert torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_path_pre_activations_equal_the_matmul_and_carry_no_graph(dtype):
+    from pipeline.sparse_topk import pre_activations_no_grad
+
+    torch.manual_seed(0)
+    x = torch.randn(64, D, dtype=dtype)
+    W = torch.randn(D, D_SAE, dtype=dtype, requires_grad=True)
+    b = torch.randn(D_SAE, dtype=dtype, requires_grad=True)
+    fast = pre_activations_no_grad(x, W, b)
+    assert fast.grad_fn is None and fast.dtype == dtype
+    assert torch.allclose(fast, x @ W + b, rtol=1e-5, atol=1e-5)
