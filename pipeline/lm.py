@@ -248,6 +248,12 @@ def _resolve_source(cfg: ModelConfig) -> str:
         return str(random_model_dir(cfg.random))
     path = Path(cfg.name).expanduser()
     if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            # transformers would fall back to pytorch_model.bin, which loads through pickle
+            raise ModelLoadError(
+                f"model directory {cfg.name!r} has no .safetensors weights; saeflow loads no pickled "
+                "checkpoints: re-save it with save_pretrained(dir, safe_serialization=True)"
+            )
         return str(path.resolve())
     if cfg.name.startswith(("/", "./", "../", "~")) or path.exists():
         raise ModelLoadError(f"model directory {cfg.name!r} does not exist; give a local HF model directory or a hub name")

@@ -148,6 +148,13 @@ def test_hub_name_offline_and_missing_directory():
         load_language_model(ModelConfig(name="./no/such/model-dir", device="cpu"))
 
 
+def test_local_directory_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="no .safetensors weights"):
+        load_language_model(ModelConfig(name=str(tmp_path), device="cpu"))
+
+
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
