@@ -28,19 +28,17 @@ class Tracker(Protocol):
 def open_tracker(kind: str, out_dir: Path, name: str, config: dict, resume_step: int) -> Tracker | None:
     """The tracker train.logger asks for, or None for "none". resume_step: the checkpoint's
     step when resuming (0 for a fresh run)."""
-    if kind == "none":
+    if kind == "none":  # the config allows only none, tensorboard and wandb
         return None
     try:
         if kind == "tensorboard":
             return _TensorBoard(out_dir, resume_step)
-        if kind == "wandb":
-            return _Wandb(out_dir, name, config, resume_step)
+        return _Wandb(out_dir, name, config, resume_step)
     except ImportError as error:
         raise ConfigError(
             f"train.logger={kind!r} needs the {kind} package ({error}): run `{_INSTALL[kind]}` "
             "or set train.logger=none"
         ) from None
-    raise ConfigError(f"unknown train.logger {kind!r}; use none, tensorboard or wandb")
 
 
 def numeric_scalars(record: dict, prefix: str = "") -> dict[str, float]:
