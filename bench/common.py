@@ -1,12 +1,12 @@
 """Helpers shared by the training benchmarks (train_throughput, compare_peers, init_ablation).
 
 - the MiniLM layer-3 store under bench/out/ (made with `saeflow generate` when missing, timed);
-- our side: `run_ours` runs the product's own training (`pipeline.train.run_train`, the code
+- our side: `run_ours` runs the product's own training (`pipeline.train.stage.train`, the code
   behind `saeflow train`) and reads its train-only tokens/s from the run's train_log.jsonl;
 - the peers' side: the rows of our loader's training stream, exported in batch order to a
   float16 .npy, and the peer adapters of bench/peers run on them in bench/.peers-venv;
 - evaluation of any SAE (ours or a peer's exported weights) with saeflow's metric code
-  (pipeline.metrics.ReconstructionMetrics) on the store's held-out rows.
+  (pipeline.sae.metrics.heldout_metrics) on the store's held-out rows.
 
 Timing conventions, the same for every tool: only the training loop counts, from the start of
 step `warmup_steps` to the end of the last timed step (no import, file load, init or export).
@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import ExperimentConfig, load_config  # noqa: E402
-from pipeline.metrics import ReconstructionMetrics  # noqa: E402
-from pipeline.models import SparseAutoencoder  # noqa: E402
-from pipeline.sae_config import SAEConfig  # noqa: E402
+from pipeline.sae.metrics import heldout_metrics  # noqa: E402
+from pipeline.sae.model import SparseAutoencoder  # noqa: E402
+from pipeline.sae.config import SAEConfig  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.reader import StoreReader  # noqa: E402
-from store.store_stats import store_moments  # noqa: E402
+from store.split_moments import store_moments  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 CONFIG = REPO / "configs" / "minilm-docstrings.yaml"
@@ -150,9 +150,9 @@ def bench_config(store: Path, out_dir: Path, tokens: int, overrides: list[str] =
 
 
 def run_ours(cfg: ExperimentConfig) -> dict:
-    """Train with the product's run_train (init, loop, held-out report, save); return the
+    """Train with the product's train stage (init, loop, held-out report, save); return the
     train-only tokens/s of the loop after its first log window (the warm-up) and the timings."""
-    from pipeline.train import run_train
+    from pipeline.train.stage import train
 
     out = Path(cfg.train.out_dir)
     if out.exists():
@@ -160,7 +160,7 @@ def run_ours(cfg: ExperimentConfig) -> dict:
     load_before = load_average()
     cpu_before = time.process_time()
     started = time.perf_counter()
-    directory = run_train(cfg)[0]
+    directory = train(cfg)[0]
     wall = time.perf_counter() - started
     records = [json.loads(line) for line in (directory / "train_log.jsonl").read_text().splitlines()]
     timed = records[1:]  # the first window holds the warm-up steps (and the clock's start-up)
@@ -185,7 +185,7 @@ def run_ours(cfg: ExperimentConfig) -> dict:
 
 # --- rows for the peers --------------------------------------------------------------------------
 def training_loader(cfg: ExperimentConfig, reader: StoreReader, dtype: torch.dtype | None) -> ActivationLoader:
-    """The loader run_train builds (same seed, split, buffer, batch size and row budget)."""
+    """The loader the train stage builds (same seed, split, buffer, batch size and row budget)."""
     batch_size = cfg.loader.batch_size
     total_steps = max(cfg.train.total_tokens // batch_size, 1)
     return ActivationLoader(
@@ -212,7 +212,7 @@ def export_training_rows(cfg: ExperimentConfig, path: Path) -> Path:
     array = np.lib.format.open_memmap(path, mode="w+", dtype="<f2", shape=(total, reader.d(cfg.sae.hook_point_in)))
     row = 0
     for batch in loader:
-        batch = batch[0] if isinstance(batch, tuple) else batch
+        batch = batch[cfg.sae.hook_point_in]
         array[row : row + len(batch)] = batch.numpy()
         row += len(batch)
     array.flush()
@@ -257,16 +257,6 @@ def peer_sae(directory: Path, k: int) -> SparseAutoencoder:
     return sae.eval()
 
 
-@torch.no_grad()
-def _metrics_over(sae: SparseAutoencoder, batches, mean: torch.Tensor) -> ReconstructionMetrics:
-    metrics = ReconstructionMetrics(dataset_mean=mean)
-    for x in batches:
-        x = x.float()
-        x_hat, out = sae(sae.normalize_input(x))
-        metrics.update(x, sae.denormalize_output(x_hat, x), out.dense_feature_acts() != 0)
-    return metrics
-
-
 def evaluate_sae(sae: SparseAutoencoder, store: Path, *, heldout_chunks: int, train_rows: np.ndarray | None,
                  batch_size: int = 4096) -> dict:
     """Held-out FVU (against the training split's mean, as saeflow's evaluator), L0, dead
@@ -277,15 +267,12 @@ def evaluate_sae(sae: SparseAutoencoder, store: Path, *, heldout_chunks: int, tr
     mean = store_moments(reader, hook, heldout_chunks=heldout_chunks, track_covariance=False).mean.double()
     heldout = ActivationLoader(reader, hook, batch_size=batch_size, split="heldout", heldout_chunks=heldout_chunks,
                                dtype=torch.float32)
-    was_training = sae.training
-    sae.eval()
-    held = _metrics_over(sae, heldout, mean)
+    held = heldout_metrics(sae, heldout, mean)
     result = held.result()
     if train_rows is not None:
-        tail = _metrics_over(sae, (torch.from_numpy(np.asarray(train_rows[i : i + batch_size]))
-                                   for i in range(0, len(train_rows), batch_size)), mean)
-        fired = held.fire_counts + tail.fire_counts
+        tail = heldout_metrics(sae, ({hook: torch.from_numpy(np.asarray(train_rows[i : i + batch_size])).float()}
+                                     for i in range(0, len(train_rows), batch_size)), mean)
+        fired = held.fire_counts() + tail.fire_counts()
         result["dead_fraction_heldout_and_train_tail"] = float((fired == 0).double().mean())
         result["train_tail_rows"] = len(train_rows)
-    sae.train(was_training)
     return result

@@ -105,7 +105,7 @@ def export_texts(path: Path, chars: int) -> Path:
         return path
     sys.path.insert(0, str(REPO))
     from pipeline.config import DatasetConfig
-    from pipeline.text import iter_documents
+    from pipeline.generate.text import iter_documents
 
     total = 0
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def main() -> None:
         results[name] = run_peer(tool, acts, args.out / tool, **peer)
 
     say("evaluating all three with saeflow's metrics")
-    from pipeline.sae_io import load_sae
+    from pipeline.sae.io import load_sae
 
     rows = np.load(acts, mmap_mode="r")
     tail = rows[int(len(rows) * 0.8):]

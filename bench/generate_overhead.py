@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.generate import check_model, generate, window_batches  # noqa: E402
-from pipeline.lm import load_language_model  # noqa: E402
+from pipeline.generate.stage import check_model, generate, window_batches  # noqa: E402
+from pipeline.generate.lm import load_language_model  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "minilm-docstrings.yaml"

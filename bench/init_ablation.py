@@ -45,7 +45,7 @@ def sweep_override(variants: dict[str, dict]) -> str:
 def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook: str | None = None) -> dict:
     """Initial and final held-out metrics of each variant, trained in one sweep."""
     from pipeline.config import sweep_variants
-    from pipeline.train import _build_variant, open_store, run_train
+    from pipeline.train.stage import build_trainer, open_store, train
 
     hooks = [] if hook is None else [f"generate.hook_points=[{hook}]", f"sae.hook_point_in={hook}",
                                      f"sae.hook_point_out={hook}"]
@@ -56,14 +56,14 @@ def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook:
     results: dict[str, dict] = {}
     steps = max(tokens // cfg.loader.batch_size, 1)
     for name, variant in sweep_variants(cfg):
-        trainer = _build_variant(name, variant, reader, [variant.sae.hook_point_in], out / "init" / name, steps)
+        trainer = build_trainer(name, variant, reader, out / "init" / name, steps)
         results[name] = {"initial": evaluate_sae(trainer.sae, store, heldout_chunks=cfg.loader.heldout_chunks,
                                                  train_rows=None)}
     shutil.rmtree(out / "init")
     started, load_before = time.perf_counter(), load_average()
-    directories = run_train(cfg)
+    directories = train(cfg)
     seconds = time.perf_counter() - started
-    from pipeline.sae_io import load_sae
+    from pipeline.sae.io import load_sae
 
     for directory in directories:
         sae = load_sae(directory, device="cpu")
@@ -79,10 +79,11 @@ def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook:
 
 def active_subspace_share(store: Path, hook: str, k: int) -> float:
     """Share of the hook's variance in its top-k principal directions (training split)."""
+    from pipeline.sae.geometry import principal_components
     from store.reader import StoreReader
-    from store.store_stats import store_principal_components
+    from store.split_moments import store_moments
 
-    _, ratio = store_principal_components(StoreReader(store), hook, k)
+    _, ratio = principal_components(store_moments(StoreReader(store), hook).covariance(), k)
     return float(ratio.sum())
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from pipeline import SAEConfig
-from pipeline.models import SparseAutoencoder
+from pipeline.sae.model import SparseAutoencoder
 
 WARMUP = 2
 REPEATS = 5

@@ -2,8 +2,8 @@
 
 An SAE at d_model 384 (MiniLM-L6 layer 3 residual stream, docstring corpus), expansion 8,
 batch 4096, trained three ways on the same activations:
-- ours: the product's training loop (`pipeline.train.run_train`, what `saeflow train` runs):
-  store -> ActivationLoader (shuffle buffer, prefetch thread, fp16 -> fp32) -> VariantTrainer.
+- ours: the product's training loop (`pipeline.train.stage.train`, what `saeflow train` runs):
+  store -> ActivationLoader (shuffle buffer, prefetch thread, fp16 -> fp32) -> SAETrainer.
   train_step (TopK forward on the sparse path, MSE, AuxK, Adam, decoder renormalization, logging);
 - SAELens 6.54 (`SAETrainer.fit`) and sparsify 1.3.3 (`Trainer.fit`), through bench/peers, on
   our loader's training stream exported in batch order to a float16 .npy (held in RAM).

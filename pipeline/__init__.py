@@ -1,5 +1,22 @@
-"""saeflow stage 2 and orchestration: configs, models, generate/train/evaluate, CLI."""
+"""saeflow: cache language-model activations once, train many sparse autoencoders from them.
 
-from pipeline.sae_config import InitializerConfig, SAEConfig
+The public API (see README "Python API"); the stages live in pipeline.generate, pipeline.train
+and pipeline.evaluate, the SAE in pipeline.sae and the activation store in the store package.
+"""
 
-__all__ = ["SAEConfig", "InitializerConfig"]
+from pipeline.config import load_config
+from pipeline.sae.config import InitializerConfig, SAEConfig
+from pipeline.sae.io import load_sae
+from pipeline.sae.model import SparseAutoencoder
+from store.loader import ActivationLoader
+from store.reader import StoreReader
+
+__all__ = [
+    "ActivationLoader",
+    "InitializerConfig",
+    "SAEConfig",
+    "SparseAutoencoder",
+    "StoreReader",
+    "load_config",
+    "load_sae",
+]

@@ -51,10 +51,9 @@ def main():
 def generate(config, overrides, overwrite):
     """Stage 1: run the LM over the dataset and write hook activations to the store."""
     cfg = load_config(config, list(overrides))  # validate before the slow imports
-    from pipeline.generate import run_generate
+    from pipeline.generate.stage import generate as generate_store
 
-    path = run_generate(cfg, overwrite=overwrite)
-    click.echo(f"store: {path}")
+    click.echo(f"store: {generate_store(cfg, overwrite=overwrite).path}")
 
 
 @main.command()
@@ -64,9 +63,9 @@ def generate(config, overrides, overwrite):
 def train(config, overrides):
     """Stage 2: train the SAE(s) of CONFIG from its store (resumes from a checkpoint)."""
     cfg = load_config(config, list(overrides))  # validate before the slow imports
-    from pipeline.train import run_train
+    from pipeline.train.stage import train as train_saes
 
-    for directory in run_train(cfg):
+    for directory in train_saes(cfg):
         click.echo(f"trained: {directory}")
 
 
@@ -77,9 +76,9 @@ def train(config, overrides):
 def evaluate(config, overrides):
     """Evaluate the trained SAE(s) of CONFIG on held-out data; writes metrics.json."""
     cfg = load_config(config, list(overrides))  # validate before the slow imports
-    from pipeline.evaluate import run_evaluate
+    from pipeline.evaluate.stage import evaluate as evaluate_saes
 
-    metrics = run_evaluate(cfg)
+    metrics = evaluate_saes(cfg)
     for name, values in metrics.items():
         summary = ", ".join(f"{key} {value:.4g}" for key, value in values.items() if isinstance(value, (int, float)))
         click.echo(f"{name}: {summary}")

@@ -12,7 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.sae_config import InitializerConfig, SAEConfig, StrictModel, check_sae_and_initializer
+import torch
+
+from pipeline.sae.config import InitializerConfig, SAEConfig, StrictModel, check_sae_and_initializer
 
 
 class ConfigError(ValueError):
@@ -236,3 +238,16 @@ def _variant_name(entry: dict, index: int) -> str:
     if not entry:
         return f"variant{index}"
     return "-".join(f"{key.split('.')[-1]}={value}" for key, value in entry.items())
+
+
+def resolve_device(name: str) -> torch.device:
+    """A config's device: "auto" -> cuda when available, else cpu; other names are checked, not guessed."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return device

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from store.dtypes import TORCH_DTYPES, as_stored_numpy
 from store.format import TOKEN_ARRAYS, StoreError, acts_path
-
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def stored_rows(
@@ -48,7 +47,7 @@ def _host(values: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
 def _cast(values: torch.Tensor | np.ndarray, store_dtype: str, hook: str, label: str) -> np.ndarray:
     """(n, d) values in the store dtype on the host; refuses NaN/inf and float16 overflow."""
     tensor = torch.as_tensor(values).detach()
-    converted = tensor.to(_TORCH_DTYPES[store_dtype])
+    converted = tensor.to(TORCH_DTYPES[store_dtype])
     if not bool(torch.isfinite(converted).all()):
         if bool(torch.isfinite(tensor).all()):
             peak = float(tensor.abs().max())
@@ -61,7 +60,4 @@ def _cast(values: torch.Tensor | np.ndarray, store_dtype: str, hook: str, label:
             f"activations of hook {hook!r} in {label} contain {bad} NaN/inf values; nothing of this batch "
             "was committed: check the model's dtype (try model.dtype float32) and its weights"
         )
-    host = converted.cpu()
-    if store_dtype == "bfloat16":
-        return host.view(torch.int16).numpy().view(np.uint16)
-    return host.numpy()
+    return as_stored_numpy(converted.cpu())

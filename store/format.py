@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+from store.dtypes import STORE_DTYPES
+
 FORMAT_NAME = "saeflow-activation-store"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "saeflow"
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 
-# zarr 3.1 has no bfloat16 dtype: bfloat16 activations are stored as their uint16 bit patterns.
-STORE_DTYPES = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}
 TOKEN_ARRAYS = {"tokens": "<i4", "doc": "<i8", "pos": "<i4"}
 CHECKSUM_BLOCK = 4096  # checksum entries per file of a checksums/ array
 
@@ -172,12 +172,55 @@ def resize_rows(group: zarr.Group, manifest: dict[str, Any], rows: int) -> None:
     manifest["capacity_rows"] = rows
 
 
+class Manifest(dict):
+    """A store's manifest: the JSON mapping kept in the group attributes, with typed accessors
+    for the layout that every reader and writer of the store needs."""
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self["hook_points"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self["chunk_rows"])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self["n_chunks"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self["n_rows"])
+
+    @property
+    def layout(self) -> dict[str, tuple[int, str]]:
+        """{hook: (d, store dtype)}."""
+        return {hook: (int(info["d"]), info["dtype"]) for hook, info in self["hook_points"].items()}
+
+    @property
+    def array_paths(self) -> list[str]:
+        return data_array_paths(self)
+
+    def hook_info(self, hook: str) -> dict[str, Any]:
+        info = self["hook_points"].get(hook)
+        if info is None:
+            raise StoreError(f"hook {hook!r} is not in this store; it holds {self.hooks}")
+        return info
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        """[start, stop) rows of committed chunk `index`."""
+        if not 0 <= index < self.n_chunks:
+            raise StoreError(f"chunk {index} is not committed ({self.n_chunks} chunks)")
+        start = index * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_rows)
+
+
 def write_manifest(group: zarr.Group, manifest: dict[str, Any]) -> None:
     manifest["updated"] = now()
-    group.attrs.update({MANIFEST_KEY: manifest})
+    group.attrs.update({MANIFEST_KEY: dict(manifest)})
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not an activation store (no zarr.json); run `saeflow generate` to create one")
@@ -190,16 +233,4 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{path} has store format version {manifest.get('version')}, this saeflow reads version "
             f"{FORMAT_VERSION}; regenerate the store or use a matching saeflow release"
         )
-    return manifest
-
-
-def numpy_dtype(store_dtype: str) -> np.dtype:
-    """The dtype that raw chunk bytes hold; bfloat16 is read as uint16 bit patterns."""
-    return np.dtype(STORE_DTYPES[store_dtype])
-
-
-def as_float64(rows: np.ndarray, store_dtype: str) -> np.ndarray:
-    """Stored rows as float64 values (bfloat16 bit patterns widened exactly)."""
-    if store_dtype == "bfloat16":
-        return (np.asarray(rows).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return np.asarray(rows, dtype=np.float64)
+    return Manifest(manifest)

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 
 from store.format import TOKEN_ARRAYS, acts_path, read_manifest
-from store.saved_stats import moments_from_arrays, read_stats_arrays, stats_problems
+from store.recorded_stats import moments_from_arrays, read_stats_arrays, stats_problems
 
 
 def describe_store(path: str | Path) -> str:

@@ -28,18 +28,18 @@ from typing import Any, Literal
 
 import torch
 
-from store.format import StoreError, numpy_dtype
-from store.reader import StoreReader
+from store.dtypes import TORCH_DTYPES, numpy_dtype
+from store.format import StoreError
 from store.producer import END, Group, Producer
+from store.reader import StoreReader
 from store.shuffle import Cursor, ShufflePlan
 from store.staging import DeviceBatches, HostBatches
 
-Batch = torch.Tensor | tuple[torch.Tensor, ...]
-_STORED_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+Batch = dict[str, torch.Tensor]  # {hook: (rows, d) tensor}; row i of every hook is the same token
 
 
 class ActivationLoader:
-    """Iterate batches of rows of one hook (tensor batches) or several aligned hooks (tuples).
+    """Iterate batches {hook: tensor} of rows of one or several aligned hooks.
 
     hooks: a hook name, or a sequence such as (hook_in, hook_out) for a transcoder: row i of every
         tensor in a batch comes from the same token.
@@ -52,7 +52,7 @@ class ActivationLoader:
     rank/world_size: data-parallel sharding by chunk (see store/shuffle.py).
     num_workers: reader threads; prefetch_batches: finished batches queued ahead of the consumer.
 
-    Batches are tensors (or tuples) owned by the caller. state_dict() after batch b restores a
+    Batches are dicts of tensors owned by the caller. state_dict() after batch b restores a
     loader that yields batch b+1 next, exactly as the uninterrupted run would.
     """
 
@@ -77,45 +77,34 @@ class ActivationLoader:
         cursor: dict[str, Any] | None = None,
     ):
         self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
-        self.single_hook = isinstance(hooks, str)
-        self.hooks: list[str] = [hooks] if isinstance(hooks, str) else list(hooks)
+        self.hooks: list[str] = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
         if not self.hooks:
             raise StoreError("the loader needs at least one hook")
         for hook in self.hooks:
             self.reader.d(hook)  # raises a StoreError naming the store's hooks
         if batch_size < 1 or prefetch_batches < 1 or num_workers < 1:
             raise StoreError("batch_size, prefetch_batches and num_workers must all be >= 1")
-        if split not in ("train", "heldout"):
-            raise StoreError(f"split must be 'train' or 'heldout', got {split!r}")
-        n_chunks = self.reader.n_chunks
-        if not 0 <= heldout_chunks < n_chunks:
-            raise StoreError(
-                f"heldout_chunks={heldout_chunks} must leave training chunks in a store of {n_chunks} chunks; "
-                "lower loader.heldout_chunks or generate more rows"
-            )
-        if split == "heldout" and heldout_chunks == 0:
-            raise StoreError("the held-out split is empty (heldout_chunks=0); set loader.heldout_chunks >= 1")
+        chunks = self.reader.split_chunks(split, heldout_chunks)
         self.batch_size = batch_size
         self.split = split
         self.prefetch_batches = prefetch_batches
         self.num_workers = num_workers
         self.max_rows = max_rows
-        self.n_train_chunks = n_chunks - heldout_chunks
+        self.n_train_chunks = len(self.reader.split_chunks("train", heldout_chunks))
         self.buffer_chunks = shuffle_buffer_chunks
         self.rank, self.world_size = rank, world_size
         if split == "train":
             self.plan = ShufflePlan(self.n_train_chunks, shuffle_buffer_chunks, seed, rank, world_size)
         else:
             self.plan = None
-            heldout = range(self.n_train_chunks, n_chunks)
-            if len(heldout) < world_size:
-                raise StoreError(f"{len(heldout)} held-out chunks cannot be split over {world_size} ranks")
-            self.heldout_order = list(heldout)[rank::world_size]
+            if len(chunks) < world_size:
+                raise StoreError(f"{len(chunks)} held-out chunks cannot be split over {world_size} ranks")
+            self.heldout_order = list(chunks)[rank::world_size]
         self.device = torch.device(device)
         # Pinning only helps copies to a CUDA device; elsewhere the request is dropped and rows are
         # gathered by the same code into pageable memory.
         self.pinned = bool(pin_memory and self.device.type == "cuda" and torch.cuda.is_available())
-        self.stored_dtypes = [_STORED_TORCH_DTYPE[self.reader.store_dtype(h)] for h in self.hooks]
+        self.stored_dtypes = [TORCH_DTYPES[self.reader.store_dtype(h)] for h in self.hooks]
         self.out_dtypes = [dtype or stored for stored in self.stored_dtypes]
         self._cursor = self._fresh_cursor(seed)
         if cursor is not None:
@@ -172,7 +161,7 @@ class ActivationLoader:
                 tensors = sink.deliver(future.result())
                 if self.split == "train":
                     self._cursor = position
-                yield tensors[0] if self.single_hook else tuple(tensors)
+                yield dict(zip(self.hooks, tensors))
         finally:
             stop.set()
             planner.join()

@@ -7,19 +7,23 @@ shard index), so the fast path maps it without a copy or a codec.
 
 from __future__ import annotations
 
-import warnings
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import zarr
 
-from store.format import TOKEN_ARRAYS, StoreError, acts_path, numpy_dtype, read_manifest
+from store.dtypes import from_stored_numpy, numpy_dtype
+from store.format import TOKEN_ARRAYS, StoreError, acts_path, read_manifest
 
 # An uncompressed shard ends with an index of (offset, nbytes) uint64 pairs per inner chunk,
 # followed by a crc32c checksum of the index (zarr's default index codecs).
 _SHARD_INDEX_CRC_BYTES = 4
+
+
+Split = Literal["train", "heldout"]
 
 
 class StoreReader:
@@ -31,19 +35,19 @@ class StoreReader:
     # --- shape of the store -------------------------------------------------------------
     @property
     def hooks(self) -> list[str]:
-        return list(self.manifest["hook_points"])
+        return self.manifest.hooks
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.manifest["chunk_rows"])
+        return self.manifest.chunk_rows
 
     @property
     def n_chunks(self) -> int:
-        return int(self.manifest["n_chunks"])
+        return self.manifest.n_chunks
 
     @property
     def n_rows(self) -> int:
-        return int(self.manifest["n_rows"])
+        return self.manifest.n_rows
 
     def d(self, hook: str) -> int:
         return int(self._hook_info(hook)["d"])
@@ -52,16 +56,36 @@ class StoreReader:
         return self._hook_info(hook)["dtype"]
 
     def _hook_info(self, hook: str) -> dict:
-        info = self.manifest["hook_points"].get(hook)
-        if info is None:
-            raise StoreError(f"hook {hook!r} is not in store {self.path}; it holds {self.hooks}")
-        return info
+        try:
+            return self.manifest.hook_info(hook)
+        except StoreError:
+            raise StoreError(f"hook {hook!r} is not in store {self.path}; it holds {self.hooks}") from None
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < self.n_chunks:
-            raise StoreError(f"chunk {index} is not committed in {self.path} ({self.n_chunks} chunks)")
-        start = index * self.chunk_rows
-        return start, min(start + self.chunk_rows, self.n_rows)
+        try:
+            return self.manifest.chunk_bounds(index)
+        except StoreError:
+            raise StoreError(f"chunk {index} is not committed in {self.path} ({self.n_chunks} chunks)") from None
+
+    def split_chunks(self, split: Split, heldout_chunks: int) -> range:
+        """The chunks of a split: the held-out split is the store's last `heldout_chunks` chunks,
+        the training split every chunk before them. Training never reads a held-out chunk, and
+        statistics used for initialization or normalization come from the training split only."""
+        if split not in ("train", "heldout"):
+            raise StoreError(f"split must be 'train' or 'heldout', got {split!r}")
+        if not 0 <= heldout_chunks < self.n_chunks:
+            raise StoreError(
+                f"loader.heldout_chunks={heldout_chunks} must leave training chunks in store {self.path} of "
+                f"{self.n_chunks} chunks; lower loader.heldout_chunks or generate more rows"
+            )
+        if split == "heldout" and heldout_chunks == 0:
+            raise StoreError("the held-out split is empty (heldout_chunks=0); set loader.heldout_chunks >= 1")
+        n_train = self.n_chunks - heldout_chunks
+        return range(0, n_train) if split == "train" else range(n_train, self.n_chunks)
+
+    def read_tensor(self, hook: str, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of `hook` as read (read_chunk, read_rows) -> a CPU tensor of `dtype`."""
+        return from_stored_numpy(rows, self.store_dtype(hook)).to(dtype)
 
     # --- chunk reads --------------------------------------------------------------------
     def read_chunk(self, name: str, index: int) -> np.ndarray:
@@ -119,22 +143,3 @@ class StoreReader:
         if offset == 2**64 - 1 or nbytes != int(np.prod(chunk_shape)) * dtype.itemsize:
             return None  # chunk missing from the shard or stored some other way: let zarr decode
         return np.memmap(file, dtype=dtype, mode="r", shape=chunk_shape, offset=offset)
-
-
-def to_torch(rows: np.ndarray, store_dtype: str) -> torch.Tensor:
-    """A CPU tensor of the stored values without a dtype conversion (bfloat16 bits reinterpreted).
-
-    Read-only memmapped rows stay read-only: torch would warn that it cannot mark the tensor so,
-    and callers only read these tensors (or convert them, which copies)."""
-    rows = np.ascontiguousarray(rows)
-    if not rows.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return _from_numpy(rows, store_dtype)
-    return _from_numpy(rows, store_dtype)
-
-
-def _from_numpy(rows: np.ndarray, store_dtype: str) -> torch.Tensor:
-    if store_dtype == "bfloat16":
-        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(rows)

@@ -23,23 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from store.dtypes import as_stored_numpy, empty_host
+
 _POLL_S = 0.1  # how often a blocked producer checks whether the consumer went away
 _GRAIN = 32_768  # at::internal::GRAIN_SIZE: elementwise ops below it run on the calling thread
-
-
-def numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor in the stored layout (bfloat16 as its uint16 bits)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
-
-
-def empty_host(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor allocated by numpy (a gather into torch.empty's fresh pages
-    cost 40-100% more here)."""
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
 
 
 def convert_on_this_thread(source: torch.Tensor, target: torch.Tensor) -> None:
@@ -66,7 +53,7 @@ class HostBatches:
         # Rows whose dtype already matches are gathered straight into the batch tensor; others
         # into a stored-dtype buffer converted in finish.
         tensors = [empty_host(shape, dtype) for shape, dtype in zip(self.shapes, self.stored)]
-        return _HostBatch([numpy_view(t) for t in tensors], tensors)
+        return _HostBatch([as_stored_numpy(t) for t in tensors], tensors)
 
     def finish(self, handle: _HostBatch, rows: int) -> list[torch.Tensor]:
         out = []
@@ -100,7 +87,7 @@ class DeviceBatches:
         self._free: queue.Queue[_Staging] = queue.Queue()
         for _ in range(pool_size):
             tensors = [torch.empty(batch_size, d, dtype=s, pin_memory=pinned) for d, s in zip(widths, stored)]
-            self._free.put(_Staging(tensors, [numpy_view(t) for t in tensors]))
+            self._free.put(_Staging(tensors, [as_stored_numpy(t) for t in tensors]))
 
     def begin(self, stop: threading.Event) -> _Staging | None:
         while not stop.is_set():

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from store.dtypes import STORE_DTYPES
 from store.format import (
-    STORE_DTYPES,
     TOKEN_ARRAYS,
     acts_path,
     checksum_path,
@@ -23,7 +23,7 @@ from store.format import (
     stats_path,
 )
 from store.reader import StoreReader
-from store.saved_stats import STATS_ARRAYS, stats_problems
+from store.recorded_stats import STATS_ARRAYS, stats_problems
 
 REQUIRED_KEYS = ("hook_points", "chunk_rows", "n_chunks", "n_rows", "complete", "checksum_algorithm", "cursor")
 

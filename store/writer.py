@@ -40,17 +40,17 @@ from store.format import (
     checksum_path,
     chunk_checksum,
     create_store,
-    data_array_paths,
-    numpy_dtype,
+    Manifest,
     read_manifest,
     resize_rows,
     write_manifest,
 )
 from store.batch_rows import stored_rows
+from store.dtypes import numpy_dtype
 from store.lock import StoreLock
 from store.reader import StoreReader
-from store.saved_stats import chunk_moments, moments_from_arrays, read_stats_arrays, save_stats, stats_problems
-from store.stats import RunningMoments
+from store.moments import RunningMoments
+from store.recorded_stats import chunk_moments, moments_from_arrays, read_stats_arrays, save_stats, stats_problems
 
 _PUT_POLL_S = 0.1  # how often a producer blocked on a full queue checks for a writer failure
 _STOP = object()
@@ -73,18 +73,18 @@ class StoreWriter:
         self._lock = lock
         self._group = zarr.open_group(str(path), mode="r+")
         self.manifest = read_manifest(path)
-        self.hooks = list(self.manifest["hook_points"])
-        self.chunk_rows = int(self.manifest["chunk_rows"])
+        self.hooks = self.manifest.hooks
+        self.chunk_rows = self.manifest.chunk_rows
         self._commit_chunks = int(self.manifest.get("shard_chunks") or 1)
-        self._layout = {h: (int(info["d"]), info["dtype"]) for h, info in self.manifest["hook_points"].items()}
+        self._layout = self.manifest.layout
         self._open_arrays()
         self._moments = {hook: RunningMoments(d) for hook, (d, _) in self._layout.items()}
         self._stats_chunks = 0
         self._restore_stats()
         self._stats_interval = self._stats_interval_chunks()
         # Producer-side state.
-        self.rows_accepted = int(self.manifest["n_rows"])
-        self._next_index = int(self.manifest["n_chunks"])
+        self.rows_accepted = self.manifest.n_rows
+        self._next_index = self.manifest.n_chunks
         self._buffers = self._new_buffers()
         self._fill = 0
         self._last_cursor: dict[str, Any] | None = None
@@ -167,11 +167,11 @@ class StoreWriter:
     # --- producer side ------------------------------------------------------------------
     @property
     def n_chunks(self) -> int:
-        return int(self.manifest["n_chunks"])
+        return self.manifest.n_chunks
 
     @property
     def n_rows(self) -> int:
-        return int(self.manifest["n_rows"])
+        return self.manifest.n_rows
 
     @property
     def cursor(self) -> dict[str, Any] | None:
@@ -278,7 +278,7 @@ class StoreWriter:
 
     def _open_arrays(self) -> None:
         """Array handles for the data and its checksums (reopened after a resize)."""
-        self._arrays = {path: self._group[path] for path in data_array_paths(self.manifest)}
+        self._arrays = {path: self._group[path] for path in self.manifest.array_paths}
         self._checksums = {path: self._group[checksum_path(path)] for path in self._arrays}
 
     def _new_buffers(self) -> dict[str, np.ndarray]:
@@ -311,7 +311,7 @@ class StoreWriter:
     def _commit(self, chunks: list[_Chunk], final: bool = False, save_stats: bool = False) -> None:
         """Write `chunks` (consecutive, a whole shard with shards), then the manifest. The new
         manifest replaces self.manifest only once written, so a failure reports the last commit."""
-        manifest = dict(self.manifest)
+        manifest = Manifest(self.manifest)
         if chunks:
             start = chunks[0].index * self.chunk_rows
             stop = start + sum(chunk.rows for chunk in chunks)

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.format import TOKEN_ARRAYS, acts_path, as_float64, create_store, read_manifest, write_manifest
-from store.saved_stats import save_stats
-from store.stats import RunningMoments
+from store.dtypes import as_float64
+from store.format import TOKEN_ARRAYS, acts_path, create_store, read_manifest, write_manifest
+from store.recorded_stats import save_stats
+from store.moments import RunningMoments
 
 
 def make_store(
@@ -26,7 +27,7 @@ def make_store(
 
     Values are written as given (cast to the stored dtype; for bfloat16 pass uint16 bit patterns).
     `tokens` holds the row index, so a test can trace every loaded row back to its position.
-    `recorded_stats_chunks` records generation statistics (stats/<hook>, as store/saved_stats.py
+    `recorded_stats_chunks` records generation statistics (stats/<hook>, as store/recorded_stats.py
     lays them out) over that many leading chunks, accumulated chunk by chunk from the stored values.
     """
     path = Path(path)

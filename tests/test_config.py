@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from pipeline import InitializerConfig, SAEConfig
-from pipeline.config import ConfigError, load_config, sweep_variants
+from pipeline.config import ConfigError, load_config, resolve_device, sweep_variants
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -89,3 +89,10 @@ def test_sweep_variants_apply_dotted_overrides():
     assert variants["top_k=4"].sae.top_k == 4 and variants["wide"].sae.top_k == 16
     with pytest.raises(ConfigError, match="repeat"):
         sweep_variants(load_config(TINY, ["train.sweep=[{sae.top_k: 4}, {sae.top_k: 4}]"]))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu-please")

@@ -1,0 +1,132 @@
+"""What a store records about how it was made, and whether an existing store is this config's.
+
+A store's identity is the config sections that decide its bytes (data_config: model, dataset and
+generate settings, without the store path and queue size) plus the dataset's fingerprint. A store
+at the configured path with the same identity is resumed or reused; one with another identity is
+refused, or replaced with overwrite=True; anything else at that path is never touched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.generate.lm import LanguageModel
+from pipeline.generate.text import dataset_fingerprint, describe_dataset
+from pipeline.generate.windows import WindowSpec
+from store.dtypes import numpy_dtype
+from store.format import FORMAT_NAME, MANIFEST_KEY, StoreError, default_chunk_rows, read_manifest
+from store.lock import StoreLock
+from store.writer import StoreWriter
+
+# generate keys that cannot change the stored bytes: a store may be moved or resumed with them changed.
+NOT_DATA_KEYS = ("store", "queue_chunks")
+
+
+def data_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config sections that decide a store's bytes (what a resume must match)."""
+    generate = cfg.generate.model_dump(mode="json")
+    for key in NOT_DATA_KEYS:
+        generate.pop(key)
+    return {"model": cfg.model.model_dump(mode="json"), "dataset": cfg.dataset.model_dump(mode="json"), "generate": generate}
+
+
+def existing_store(path: Path, cfg: ExperimentConfig, overwrite: bool, say: Callable[[str], None]) -> dict | None:
+    """The manifest of a store at `path` made with this config; None if there is none (any more)."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store directory; choose another generate.store")
+    if not path.exists() or not any(path.iterdir()):
+        return None
+    reason = _mismatch(path, cfg)
+    if reason is None:
+        return read_manifest(path)
+    if reason.startswith("not a store"):
+        raise StoreError(f"{path} exists and is {reason}; choose another generate.store or remove it")
+    if not overwrite:
+        raise ConfigError(f"store {path} {reason}; pass --overwrite to replace it, or choose another generate.store")
+    say(f"replacing store {path} ({reason})")
+    shutil.rmtree(path)
+    return None
+
+
+def _mismatch(path: Path, cfg: ExperimentConfig) -> str | None:
+    """Why the store at `path` cannot be continued or reused for `cfg` (None: it can)."""
+    try:
+        attrs = zarr.open_group(str(path), mode="r").attrs.get(MANIFEST_KEY)
+    except Exception:  # not zarr at all
+        attrs = None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+        return "not a store (no saeflow manifest)"
+    try:
+        manifest = read_manifest(path)
+    except StoreError as error:
+        return f"cannot be reused: {error}"
+    recorded = manifest.get("config", {})
+    wanted = data_config(cfg)
+    changed = [
+        f"{section}.{key}"
+        for section in wanted
+        for key in sorted(set(wanted[section]) | set(recorded.get(section, {})))
+        if wanted[section].get(key) != recorded.get(section, {}).get(key)
+    ]
+    if changed:
+        return f"was made with a different config (changed: {', '.join(changed)})"
+    fingerprint = dataset_fingerprint(cfg.dataset)
+    if manifest["dataset"]["fingerprint"] != fingerprint:
+        return f"was made from different data (dataset fingerprint {manifest['dataset']['fingerprint']} != {fingerprint})"
+    return None
+
+
+def create_writer(path: Path, cfg: ExperimentConfig, lm: LanguageModel, hook_dims: dict[str, int], spec: WindowSpec,
+                  lock: StoreLock) -> StoreWriter:
+    """A writer of a new store at `path`, its manifest holding the provenance of `cfg` and `lm`."""
+    g = cfg.generate
+    itemsize = numpy_dtype(g.store_dtype).itemsize
+    chunk_rows = g.chunk_rows or default_chunk_rows(max(hook_dims.values()), itemsize)
+    model = lm.describe()
+    tokenizer = model.pop("tokenizer", None)
+    provenance = {
+        "saeflow_version": saeflow_version(),
+        "model": model,
+        "tokenizer": tokenizer,
+        "dataset": describe_dataset(cfg.dataset),
+        "context_size": g.context_size,
+        "prepend_bos": g.prepend_bos,
+        "pack": g.pack,
+        "dropped_special_tokens": sorted(g.drop_special_tokens),
+        "special_token_ids": {"bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id},
+        "seed": g.seed,
+        "target_rows": g.target_tokens,
+        "config": data_config(cfg),
+    }
+    return StoreWriter.create(
+        path,
+        hook_dims=hook_dims,
+        chunk_rows=chunk_rows,
+        capacity_rows=g.target_tokens,
+        store_dtype=g.store_dtype,
+        shard_chunks=g.shard_chunks,
+        compressor=g.compressor,
+        manifest=provenance,
+        queue_chunks=g.queue_chunks,
+        lock=lock,
+        stats_device=lm.device,
+    )
+
+
+def saeflow_version() -> str:
+    try:
+        return importlib.metadata.version("saeflow")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"

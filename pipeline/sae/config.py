@@ -1,0 +1,149 @@
+"""SAEConfig and InitializerConfig: the seed's (lm_saes) names and meaning, validated.
+
+`SAEConfig(hook_point_in=..., hook_point_out=..., use_glu_encoder=False, d_model=768,
+expansion_factor=8, act_fn="topk", top_k=64, dtype=torch.float32, device="cpu")` constructs as
+written in the seed. hook_point_in != hook_point_out makes the model a transcoder.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+
+from pipeline.sae.activation_fns import ACT_FNS, ActFn, ActFnName
+from store.dtypes import dtype_name, torch_dtype
+
+class StrictModel(BaseModel):
+    """Base for every config section: a misspelled key is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+
+
+class SAEConfig(StrictModel):
+    """The SAE of the seed: z = act(x W_enc + b_enc), x_hat = z W_dec + b_dec.
+
+    Weights follow SAELens: W_enc (d_model, d_sae), W_dec (d_sae, d_model); the seed's W_E is
+    W_enc.T and its W_D is W_dec.T. hook_point_in != hook_point_out makes a transcoder (same
+    math: the trainer feeds x from hook_point_in and the target from hook_point_out).
+    """
+
+    hook_point_in: str
+    hook_point_out: str
+    use_glu_encoder: bool = False
+    d_model: int
+    expansion_factor: float = 8
+    act_fn: ActFnName = "topk"
+    top_k: int = 50
+    use_decoder_bias: bool = True
+    # dataset-wise: inputs scaled so their mean norm is sqrt(d_model) (factor from the store's
+    # statistics, folded into the weights at save); token-wise: each row to norm sqrt(d_model);
+    # inference: no scaling (weights already folded).
+    norm_activation: Literal["dataset-wise", "token-wise", "inference"] = "dataset-wise"
+    # Latents are ranked/thresholded by hidden_pre * ||W_dec row|| (topk, batchtopk, jumprelu
+    # gates), and the trainer's sparsity penalty weighs activations by decoder norms.
+    sparsity_include_decoder_norm: bool = True
+    # JumpReLU: width epsilon of the rectangle kernel of the threshold's pseudo-derivative, in
+    # units of hidden pre-activations of normalized inputs (mean norm sqrt(d_model)). The paper's
+    # epsilon=0.001 at unit-norm inputs is ~0.001*sqrt(d_model) here (0.03 at d=768); SAELens
+    # trains with 0.05 at this scale. (lm_saes' default 2.0 is wider than typical thresholds.)
+    jumprelu_window: float = Field(default=0.05, gt=0)
+    # topk: "sparse" = embedding_bag over the k kept latents, decoder and encoder gradient in
+    # O(B*k*d_model); "dense" = (B, d_sae) @ W_dec with autograd; "auto" = sparse when
+    # top_k <= d_sae / 8, the measured break-even (bench/sae_step.py: 1.1x there, 3x at d_sae/96).
+    topk_decode: Literal["auto", "sparse", "dense"] = "auto"
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _parse_dtype(cls, value):
+        return torch_dtype(value)
+
+    @field_serializer("dtype")
+    def _serialize_dtype(self, value: torch.dtype) -> str:
+        return dtype_name(value)
+
+    @model_validator(mode="after")
+    def _check_sizes(self):
+        d_sae = self.d_model * self.expansion_factor
+        if d_sae != int(d_sae) or d_sae <= 0:
+            raise ValueError(
+                f"d_model * expansion_factor = {self.d_model} * {self.expansion_factor} = {d_sae} is not "
+                "a positive integer; choose an expansion_factor that gives a whole number of latents"
+            )
+        if self.act.uses_top_k and not 0 < self.top_k <= d_sae:
+            raise ValueError(
+                f"top_k={self.top_k} must be in 1..d_sae={int(d_sae)} (d_model * expansion_factor); "
+                "lower top_k or raise expansion_factor"
+            )
+        return self
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.d_model * self.expansion_factor)
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hook_point_in != self.hook_point_out
+
+    @property
+    def act(self) -> ActFn:
+        """The traits of act_fn (pipeline/sae/activation_fns.py)."""
+        return ACT_FNS[self.act_fn]
+
+
+class InitializerConfig(StrictModel):
+    """Data-dependent initialization (pipeline/sae/initialize.py), with the seed's names and meaning.
+
+    Recommended (the seed): bias_init_method="geometric_median", grid_search_init_norm=True,
+    init_encoder_bias_with_mean_hidden_pre=True; for low-rank hooks (attention outputs) also
+    initialize_W_D_with_active_subspace=True with d_active_subspace ~ d_model / 2 (384 for
+    d_model=768; tune to the effective rank). For act_fn="jumprelu",
+    init_log_jumprelu_threshold_value is required: log(0.01)~-4.6 to log(0.1)~-2.3 at our
+    normalized scale (SAELens starts at 0.01).
+
+    Where lm_saes is wrong we are right: "geometric_median" is a real geometric median
+    (Weiszfeld), not the mean; "mean" is offered under its own name.
+    """
+
+    bias_init_method: Literal["all_zero", "mean", "geometric_median"] = "geometric_median"
+    # Coarse then fine grid over the decoder row norm, keeping the one with the lowest
+    # reconstruction MSE on (up to 4096 rows of) the sample; see initialize.py for the grid.
+    grid_search_init_norm: bool = True
+    # b_enc = -mean over the sample of the hidden pre-activation without b_enc: every latent's
+    # mean pre-activation starts at 0 (exactly, GLU gate included).
+    init_encoder_bias_with_mean_hidden_pre: bool = True
+    # W_enc starts as W_dec.T (the seed/lm_saes default); False = independent random directions
+    # (lm_saes recommends False for transcoders, whose in and out spaces differ).
+    init_encoder_with_decoder_transpose: bool = True
+    initialize_W_D_with_active_subspace: bool = False
+    d_active_subspace: int | None = Field(default=None, gt=0)
+    init_log_jumprelu_threshold_value: float | None = None
+    # Decoder row norm when grid_search_init_norm is False (None = 0.1, Anthropic's April 2024
+    # heuristic and SAELens' default).
+    init_decoder_norm: float | None = Field(default=None, gt=0)
+    n_samples: int = Field(default=100_000, gt=0)  # rows drawn from the store for init
+    seed: int = 0
+
+
+def check_sae_and_initializer(sae: SAEConfig, init: InitializerConfig) -> None:
+    """Cross-section checks; ValueError with the problem and the fix (ExperimentConfig and
+    initialize_sae turn it into a ConfigError)."""
+    if sae.act.threshold == "log_threshold" and init.init_log_jumprelu_threshold_value is None:
+        raise ValueError(
+            "act_fn='jumprelu' needs initializer.init_log_jumprelu_threshold_value "
+            "(the log of the initial threshold, e.g. -2.3 for 0.1)"
+        )
+    if init.initialize_W_D_with_active_subspace:
+        if init.d_active_subspace is None:
+            raise ValueError(
+                "initialize_W_D_with_active_subspace=True needs initializer.d_active_subspace "
+                f"(e.g. {sae.d_model // 2} = d_model / 2)"
+            )
+        if init.d_active_subspace > sae.d_model:
+            raise ValueError(
+                f"initializer.d_active_subspace={init.d_active_subspace} exceeds sae.d_model="
+                f"{sae.d_model}; use at most d_model"
+            )

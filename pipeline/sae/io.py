@@ -1,0 +1,158 @@
+"""Saving, loading and exporting SAEs: safetensors + JSON only, never pickle.
+
+saeflow layout (save_sae / load_sae), a directory with
+  sae.safetensors : the state dict (W_enc, b_enc, W_dec, b_dec, [W_enc_glu, b_enc_glu],
+                    [log_threshold | batchtopk_threshold], norm_factor_in, norm_factor_out)
+  config.json     : {"format", "version", "sae": SAEConfig as JSON, "normalization": {...}}
+By default dataset-wise normalization is folded into the weights first, so the saved SAE reads
+raw activations (config norm_activation="inference"); the factors it had are recorded.
+
+SAELens layout (export_saelens): cfg.json + sae_weights.safetensors with W_enc, W_dec, b_enc,
+b_dec and, for jumprelu/batchtopk, threshold; architectures standard | topk | jumprelu for SAEs
+and transcoder | jumprelu_transcoder for transcoders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.files import write_file_atomically, write_text_atomically
+from pipeline.sae.config import SAEConfig
+from pipeline.sae.model import SparseAutoencoder
+from store.dtypes import dtype_name
+
+FORMAT_NAME = "saeflow.sae"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_CONFIG_FILE = "cfg.json"
+# The cfg.json schema we write; SAELens converts configs that claim an older version.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def save_sae(sae: SparseAutoencoder, directory: str | Path, *, fold_normalization: bool = True) -> Path:
+    """Write sae.safetensors + config.json into directory (created); returns the directory.
+    fold_normalization=False keeps the training-time form (buffers hold the factors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    factors = {"norm_factor_in": float(sae.norm_factor_in), "norm_factor_out": float(sae.norm_factor_out)}
+    folded = fold_normalization and sae.cfg.norm_activation == "dataset-wise"
+    if folded:
+        sae = _folded_copy(sae)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in sae.state_dict().items()}
+    config = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "sae": sae.cfg.model_dump(mode="json"),
+        "normalization": {"folded": folded, **factors},
+    }
+    write_file_atomically(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    write_text_atomically(directory / CONFIG_FILE, json.dumps(config, indent=2))
+    return directory
+
+
+def load_sae(directory: str | Path, device: str | torch.device | None = None) -> SparseAutoencoder:
+    """The SAE saved in directory, in eval mode, on `device` (default: the saved cfg.device, or
+    the CPU when that was a GPU this machine lacks)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a saved saeflow SAE")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT_NAME or config.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} is format {config.get('format')!r} v{config.get('version')}; "
+            f"this saeflow reads {FORMAT_NAME!r} v{FORMAT_VERSION}"
+        )
+    cfg_data = dict(config["sae"])
+    if device is None and str(cfg_data.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    if device is not None:
+        cfg_data["device"] = str(device)
+    cfg = SAEConfig.model_validate(cfg_data)
+    sae = SparseAutoencoder(cfg)
+    sae.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(cfg.device)), strict=True)
+    return sae.eval()
+
+
+def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name: str | None = None) -> Path:
+    """Write the SAELens 6 layout (cfg.json + sae_weights.safetensors) into directory."""
+    cfg = sae.cfg
+    if cfg.use_glu_encoder:
+        raise ValueError("SAELens has no GLU encoder; export an SAE trained with use_glu_encoder=False")
+    if cfg.norm_activation == "dataset-wise":
+        sae = _folded_copy(sae)
+    normalize = "constant_norm_rescale" if cfg.norm_activation == "token-wise" else "none"
+    architecture, extra = _saelens_architecture(cfg)
+    if cfg.is_transcoder and normalize != "none":
+        raise ValueError("SAELens transcoders do not rescale outputs; export a dataset-wise or inference transcoder")
+    with torch.no_grad():
+        weights = {
+            "W_enc": sae.W_enc,
+            "W_dec": sae.W_dec,
+            "b_enc": sae.b_enc,
+            "b_dec": sae.b_dec,
+        }
+        if cfg.act.threshold is not None:
+            weights["threshold"] = _threshold_on_hidden_pre(sae)
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
+    metadata = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+        "hook_name": cfg.hook_point_in,
+        "model_name": model_name,
+        "exported_by": "saeflow",
+    }
+    if cfg.is_transcoder:
+        metadata["hook_name_out"] = cfg.hook_point_out
+    saelens_cfg = {
+        "architecture": architecture,
+        "d_in": cfg.d_model,
+        "d_sae": cfg.d_sae,
+        "dtype": dtype_name(cfg.dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": False,  # our encoder reads x, not x - b_dec
+        "normalize_activations": normalize,
+        "reshape_activations": "none",
+        "metadata": metadata,
+        **extra,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(directory / SAELENS_WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    write_text_atomically(directory / SAELENS_CONFIG_FILE, json.dumps(saelens_cfg, indent=2))
+    return directory
+
+
+def _saelens_architecture(cfg: SAEConfig) -> tuple[str, dict]:
+    architecture = cfg.act.saelens_architecture
+    if cfg.is_transcoder:
+        if architecture == "topk":
+            raise ValueError("SAELens has no TopK transcoder; export topk SAEs or relu/jumprelu/batchtopk transcoders")
+        return ("transcoder" if architecture == "standard" else "jumprelu_transcoder"), {"d_out": cfg.d_model}
+    if architecture == "topk":
+        # SAELens ranks hidden_pre * ||W_dec row|| and decodes acts / norm: our gate exactly
+        return "topk", {"k": cfg.top_k, "rescale_acts_by_decoder_norm": cfg.sparsity_include_decoder_norm}
+    return architecture, {}
+
+
+def _threshold_on_hidden_pre(sae: SparseAutoencoder) -> torch.Tensor:
+    """SAELens gates hidden_pre itself; ours gates hidden_pre * ||W_dec row|| when
+    sparsity_include_decoder_norm, i.e. hidden_pre > threshold / norm."""
+    threshold = sae.threshold.detach().clone()
+    if sae.cfg.sparsity_include_decoder_norm:
+        threshold = threshold / sae.decoder_norms().detach()
+    return threshold
+
+
+def _folded_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
+    folded = copy.deepcopy(sae)
+    folded.fold_normalization()
+    return folded
+

@@ -1,0 +1,188 @@
+"""Stage 2: train one SAE, or a sweep of them, from the activation store in one pass.
+
+Every variant of a sweep sees the same shuffled batches (one read of the store feeds them all);
+each has its own optimizer, logs, checkpoints and output directory <train.out_dir>/<name>/.
+Checkpoints hold everything a bitwise resume needs (weights, Adam state, step and token counts,
+dead-latent counters, RNG, the loader cursor); `saeflow train` on a run directory with
+checkpoints continues from the newest step that every variant has saved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
+from pipeline.files import write_text_atomically
+from pipeline.sae.initialize import check_against_store, initialize_sae
+from pipeline.sae.io import export_saelens, save_sae
+from pipeline.train.checkpoint import checkpoint_path, saved_steps
+from pipeline.train.report import write_heldout_report
+from pipeline.train.trainer import SAETrainer
+from store.format import StoreError
+from store.loader import ActivationLoader
+from store.moments import norm_scale_factor
+from store.reader import StoreReader
+from store.sampling import sample_rows
+from store.split_moments import store_moments
+
+# Sections a sweep entry may change; the rest is shared because one loader feeds every variant.
+_SWEEPABLE = ("sae", "initializer")
+_SWEEPABLE_TRAIN = {"lr", "betas", "lr_schedule", "lr_warmup_steps", "lr_decay_steps", "clip_grad_norm",
+                    "l1_coefficient", "l1_warmup_steps", "sparsity_penalty", "tanh_stretch", "k_anneal_steps",
+                    "k_anneal_start", "aux_k", "aux_k_coefficient", "dead_threshold_tokens", "decoder_norm",
+                    "autocast_dtype", "seed"}
+
+
+def train(cfg: ExperimentConfig) -> list[Path]:
+    """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories."""
+    reader = open_store(cfg.generate.store)
+    variants = sweep_variants(cfg)
+    _check_shared_settings(cfg, variants)
+    hooks = _hooks_needed(variants)
+    for _, variant_cfg in variants:
+        check_against_store(variant_cfg.sae, {hook: reader.d(hook) for hook in reader.hooks})
+    root = Path(cfg.train.out_dir)
+    batch_size = cfg.loader.batch_size
+    total_steps = max(cfg.train.total_tokens // batch_size, 1)
+    trainers = [build_trainer(name, variant_cfg, reader, root / name, total_steps) for name, variant_cfg in variants]
+    cursor, start_step = _resume(trainers)
+    for trainer in trainers:
+        trainer.open_tracker()
+
+    device = trainers[0].sae.W_dec.device
+    if device.type == "cpu":
+        keep_large_blocks_in_heap()
+    loader = ActivationLoader(
+        reader, hooks, batch_size=batch_size, split="train", seed=cfg.loader.seed,
+        shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, prefetch_batches=cfg.loader.prefetch_batches,
+        num_workers=cfg.loader.num_workers, heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32,
+        device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * batch_size, cursor=cursor,
+    )
+    every = _checkpoint_every_steps(cfg)
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+    for batch in loader:
+        for trainer in trainers:
+            trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
+        step = trainers[0].step
+        progress.update(1)
+        record = getattr(trainers[0], "last_record", None)
+        if record and step % cfg.train.log_every_steps == 0:
+            progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
+                                 tok_s=f"{record['tokens_per_second']:.0f}")
+        if every and step % every == 0 and step < total_steps:
+            state = loader.state_dict()
+            for trainer in trainers:
+                trainer.save(state)
+    progress.close()
+    return [_finish(trainer, reader) for trainer in trainers]
+
+
+def keep_large_blocks_in_heap() -> bool:
+    """CPU training allocates and frees several (batch, d_sae) tensors a step (48 MiB each at
+    4096 x 3072). glibc serves blocks above its mmap threshold (32 MiB at most) with fresh
+    mmaps and unmaps them on free, so every step page-faults and zeroes them again: elementwise
+    passes over them ran 2-5x slower than on reused memory (bench/train_throughput.py). Here the
+    process keeps such blocks in its heap (no mmap for allocations, no trimming of the heap's
+    top below 2 GiB), so a freed block is reused by the next step. Process-wide and harmless
+    beyond holding on to the peak heap; glibc only (returns False where mallopt is missing)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def open_store(path: str) -> StoreReader:
+    reader = StoreReader(path)
+    if reader.n_chunks == 0:
+        raise StoreError(f"store {path} has no committed rows; run `saeflow generate` first")
+    return reader
+
+
+def _check_shared_settings(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentConfig]]) -> None:
+    base = cfg.model_dump(mode="json")
+    for name, variant in variants:
+        data = variant.model_dump(mode="json")
+        for section, values in data.items():
+            if section in _SWEEPABLE:
+                continue
+            for key, value in values.items():
+                if key == "sweep" or (section == "train" and key in _SWEEPABLE_TRAIN):
+                    continue
+                if value != base[section][key]:
+                    raise ConfigError(
+                        f"sweep variant {name!r} changes {section}.{key}, which all variants share "
+                        f"(one loader feeds them); sweep only sae.*, initializer.* and per-SAE train settings"
+                    )
+
+
+def _hooks_needed(variants: list[tuple[str, ExperimentConfig]]) -> list[str]:
+    hooks: list[str] = []
+    for _, variant in variants:
+        for hook in (variant.sae.hook_point_in, variant.sae.hook_point_out):
+            if hook not in hooks:
+                hooks.append(hook)
+    return hooks
+
+
+def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir: Path, total_steps: int) -> SAETrainer:
+    """The trainer of one variant, its SAE initialized from the store (normalization factors
+    from the recorded statistics, the initializer's sample from the training split)."""
+    sae_cfg = cfg.sae.model_copy(update={"device": str(resolve_device(cfg.sae.device))})
+    hook_in, hook_out = sae_cfg.hook_point_in, sae_cfg.hook_point_out
+    heldout = cfg.loader.heldout_chunks
+    moments_in = store_moments(reader, hook_in, heldout_chunks=heldout, track_covariance=False)
+    moments_out = store_moments(reader, hook_out, heldout_chunks=heldout, track_covariance=False)
+    factor_in = norm_scale_factor(moments_in.mean_norm, reader.d(hook_in))
+    factor_out = norm_scale_factor(moments_out.mean_norm, reader.d(hook_out))
+    # Same seed for both hooks: sample_rows picks the same rows, so a transcoder's pairs align.
+    def sample(hook: str) -> torch.Tensor:
+        return sample_rows(reader, hook, cfg.initializer.n_samples, seed=cfg.initializer.seed, heldout_chunks=heldout)
+    x_in = sample(hook_in)
+    x_out = sample(hook_out) if sae_cfg.is_transcoder else None
+    sae = initialize_sae(sae_cfg, cfg.initializer, x_in, x_out, norm_factor_in=factor_in, norm_factor_out=factor_out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps)
+
+
+def _resume(trainers: list[SAETrainer]) -> tuple[dict | None, int]:
+    """The newest checkpoint step saved by every variant (all or none resume)."""
+    common = set.intersection(*(saved_steps(trainer.checkpoint_dir) for trainer in trainers)) if trainers else set()
+    if not common:
+        for trainer in trainers:
+            trainer.log_path.unlink(missing_ok=True)
+        return None, 0
+    step = max(common)
+    cursors = [trainer.restore(checkpoint_path(trainer.checkpoint_dir, step)) for trainer in trainers]
+    return cursors[0], step
+
+
+def _checkpoint_every_steps(cfg: ExperimentConfig) -> int | None:
+    if not cfg.train.checkpoint_every_tokens:
+        return None
+    return max(cfg.train.checkpoint_every_tokens // cfg.loader.batch_size, 1)
+
+
+def _finish(trainer: SAETrainer, reader: StoreReader) -> Path:
+    cfg, sae = trainer.cfg, trainer.sae
+    loader = ActivationLoader(
+        reader, [sae.cfg.hook_point_in, sae.cfg.hook_point_out], batch_size=cfg.evaluate.batch_size, split="heldout",
+        heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32, device=sae.W_dec.device,
+        pin_memory=cfg.loader.pin_memory,
+    )
+    metrics = write_heldout_report(trainer, loader)
+    save_sae(sae, trainer.out_dir)
+    export_saelens(sae, trainer.out_dir / "saelens")
+    write_text_atomically(trainer.out_dir / "train_metrics.json", json.dumps(metrics, indent=1))
+    trainer.close_tracker(metrics["heldout"])
+    return trainer.out_dir
+

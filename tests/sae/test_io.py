@@ -1,0 +1,174 @@
+"""save_sae / load_sae / export_saelens: exact round trips, folded normalization, SAELens layout."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import SAEConfig
+from pipeline.sae.model import SparseAutoencoder
+from pipeline.sae.io import export_saelens, load_sae, save_sae
+
+D = 32
+D_SAE = 128
+HOOK = "blocks.2.hook_resid_post"
+
+
+def trained_like_sae(seed: int = 0, **overrides) -> SparseAutoencoder:
+    """An SAE with every tensor non-trivial, as after some training."""
+    fields = dict(hook_point_in=HOOK, hook_point_out=HOOK, d_model=D, expansion_factor=4, act_fn="topk", top_k=4)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(**fields))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+        sae.norm_factor_in.fill_(0.43)
+        sae.norm_factor_out.fill_(0.43 if not sae.cfg.is_transcoder else 1.7)
+        if sae.cfg.act_fn == "jumprelu":
+            sae.log_threshold.fill_(math.log(0.1)).add_(0.1 * torch.randn(D_SAE))
+        if sae.cfg.act_fn == "batchtopk":
+            sae.batchtopk_threshold.fill_(0.08)
+    return sae.eval()
+
+
+def raw_inputs(n: int = 64) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(7)) * 4 + 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(norm_activation="inference"),
+        dict(norm_activation="token-wise", act_fn="jumprelu"),
+        dict(norm_activation="inference", act_fn="batchtopk", use_glu_encoder=True),
+        dict(norm_activation="inference", act_fn="relu", use_decoder_bias=False, dtype=torch.bfloat16),
+    ],
+)
+def test_round_trip_is_exact(tmp_path, overrides):
+    sae = trained_like_sae(**overrides)
+    save_sae(sae, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae.safetensors"]
+    loaded = load_sae(tmp_path)
+    assert loaded.cfg == sae.cfg and not loaded.training
+    saved, restored = sae.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    for name in saved:
+        assert saved[name].dtype == restored[name].dtype and torch.equal(saved[name], restored[name]), name
+    x = raw_inputs()
+    assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
+
+
+def test_unfolded_save_keeps_the_training_form(tmp_path):
+    sae = trained_like_sae()
+    save_sae(sae, tmp_path, fold_normalization=False)
+    loaded = load_sae(tmp_path)
+    assert loaded.cfg.norm_activation == "dataset-wise" and float(loaded.norm_factor_in) == pytest.approx(0.43)
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), loaded.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(act_fn="topk"), dict(act_fn="jumprelu"), dict(act_fn="batchtopk"),
+     dict(act_fn="relu", use_glu_encoder=True), dict(act_fn="relu", hook_point_out="blocks.2.hook_mlp_out")],
+)
+def test_saved_sae_takes_raw_activations(tmp_path, overrides):
+    sae = trained_like_sae(dtype=torch.float64, **overrides)
+    x = raw_inputs().double()
+    expected = sae.reconstruct(x)
+    save_sae(sae, tmp_path)
+    assert sae.cfg.norm_activation == "dataset-wise"  # the caller's SAE is left as it was
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sae"]["norm_activation"] == "inference" and config["normalization"]["folded"] is True
+    assert config["normalization"]["norm_factor_in"] == pytest.approx(0.43)
+    loaded = load_sae(tmp_path)
+    assert float(loaded.norm_factor_in) == 1.0 and float(loaded.norm_factor_out) == 1.0
+    raw_out, _ = loaded(x)  # no normalization step at all
+    assert torch.allclose(raw_out, expected, atol=1e-10)
+
+
+def test_load_rejects_a_directory_without_a_saeflow_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved saeflow SAE"):
+        load_sae(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(ValueError, match="format 'other'"):
+        load_sae(tmp_path)
+
+
+def saelens_forward(cfg: dict, weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """SAELens 6 inference math for the architectures we export (apply_b_dec_to_input=False)."""
+    scale = math.sqrt(cfg["d_in"]) / x.norm(dim=-1, keepdim=True) if cfg["normalize_activations"] == "constant_norm_rescale" else 1.0
+    hidden_pre = (x * scale) @ weights["W_enc"] + weights["b_enc"]
+    W_dec = weights["W_dec"]
+    if cfg["architecture"] in ("standard", "transcoder"):
+        acts = hidden_pre.relu()
+    elif cfg["architecture"] in ("jumprelu", "jumprelu_transcoder"):
+        acts = hidden_pre.relu() * (hidden_pre > weights["threshold"].relu())
+    else:  # topk
+        norms = W_dec.norm(dim=-1)
+        if cfg["rescale_acts_by_decoder_norm"]:
+            hidden_pre = hidden_pre * norms
+        top = hidden_pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
+        if cfg["rescale_acts_by_decoder_norm"]:
+            acts = acts / norms
+    return (acts @ W_dec + weights["b_dec"]) / scale
+
+
+@pytest.mark.parametrize(
+    ("overrides", "architecture"),
+    [
+        (dict(act_fn="relu"), "standard"),
+        (dict(act_fn="topk"), "topk"),
+        (dict(act_fn="topk", sparsity_include_decoder_norm=False), "topk"),
+        (dict(act_fn="jumprelu"), "jumprelu"),
+        (dict(act_fn="batchtopk"), "jumprelu"),
+        (dict(act_fn="topk", norm_activation="token-wise"), "topk"),
+        (dict(act_fn="relu", hook_point_out="blocks.2.hook_mlp_out"), "transcoder"),
+        (dict(act_fn="jumprelu", hook_point_out="blocks.2.hook_mlp_out"), "jumprelu_transcoder"),
+    ],
+)
+def test_saelens_export_reproduces_our_outputs(tmp_path, overrides, architecture):
+    sae = trained_like_sae(dtype=torch.float64, **overrides)
+    export_saelens(sae, tmp_path, model_name="minilm")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    weights = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert cfg["architecture"] == architecture
+    assert cfg["d_in"] == D and cfg["d_sae"] == D_SAE and cfg["apply_b_dec_to_input"] is False
+    assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "minilm"
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    expected_names = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if "jumprelu" in architecture else set())
+    assert set(weights) == expected_names
+    assert weights["W_enc"].shape == (D, D_SAE) and weights["W_dec"].shape == (D_SAE, D)
+    if sae.cfg.is_transcoder:
+        assert cfg["d_out"] == D and cfg["metadata"]["hook_name_out"] == "blocks.2.hook_mlp_out"
+    x = raw_inputs().double()
+    assert torch.allclose(saelens_forward(cfg, weights, x), sae.reconstruct(x), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(act_fn="relu", use_glu_encoder=True), "no GLU encoder"),
+        (dict(act_fn="topk", hook_point_out="blocks.2.hook_mlp_out"), "no TopK transcoder"),
+        (dict(act_fn="relu", hook_point_out="blocks.2.hook_mlp_out", norm_activation="token-wise"), "do not rescale"),
+    ],
+)
+def test_saelens_export_refuses_what_saelens_cannot_run(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        export_saelens(trained_like_sae(**overrides), tmp_path)
+
+
+def test_an_sae_saved_on_a_gpu_loads_where_there_is_none(tmp_path):
+    sae = trained_like_sae(norm_activation="inference")
+    save_sae(sae, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sae"]["device"] = "cuda"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_sae(tmp_path)
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loaded.W_enc.device.type == expected_device
+    assert torch.equal(load_sae(tmp_path, device="cpu").W_dec, sae.W_dec)
