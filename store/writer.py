@@ -128,16 +128,8 @@ class StoreWriter:
             rows = capacity_rows
             if shard_chunks:
                 rows = math.ceil(capacity_rows / (chunk_rows * shard_chunks)) * chunk_rows * shard_chunks
-            create_store(
-                path,
-                hook_dims=hook_dims,
-                store_dtype=store_dtype,
-                chunk_rows=chunk_rows,
-                capacity_rows=rows,
-                shard_chunks=shard_chunks,
-                compressor=compressor,
-                manifest=dict(manifest or {}),
-            )
+            create_store(path, hook_dims=hook_dims, store_dtype=store_dtype, chunk_rows=chunk_rows, capacity_rows=rows,
+                         shard_chunks=shard_chunks, compressor=compressor, manifest=dict(manifest or {}))
             return cls(path, lock, queue_chunks, stats_device)
 
         return _under_lock(path, lock, build)
@@ -165,18 +157,6 @@ class StoreWriter:
         return _under_lock(path, lock, build)
 
     # --- producer side ------------------------------------------------------------------
-    @property
-    def n_chunks(self) -> int:
-        return self.manifest.n_chunks
-
-    @property
-    def n_rows(self) -> int:
-        return self.manifest.n_rows
-
-    @property
-    def cursor(self) -> dict[str, Any] | None:
-        return self.manifest["cursor"]
-
     def put(
         self,
         acts: Mapping[str, torch.Tensor | np.ndarray],
@@ -301,10 +281,10 @@ class StoreWriter:
                     pending = []
             if self._finish_complete:
                 self._commit(pending, final=True)
-            elif self._stats_chunks < self.n_chunks:
+            elif self._stats_chunks < self.manifest.n_chunks:
                 self._commit([], save_stats=True)  # a clean stop leaves statistics of every commit
         except BaseException as error:  # surfaced to the producer by put()/close()
-            first = pending[0].index if pending else self.n_chunks
+            first = pending[0].index if pending else self.manifest.n_chunks
             self._error_message = self._describe_failure(error, first)
             self._error = error
 
@@ -360,17 +340,17 @@ class StoreWriter:
             for hook in self.hooks:
                 self._moments[hook] = moments_from_arrays(read_stats_arrays(self._group, hook))
             self._stats_chunks = int(record["chunks"])
-        if self._stats_chunks == self.n_chunks:
+        if self._stats_chunks == self.manifest.n_chunks:
             return
         reader = StoreReader(self.path)
-        for index in range(self._stats_chunks, self.n_chunks):
+        for index in range(self._stats_chunks, self.manifest.n_chunks):
             start, stop = reader.chunk_bounds(index)
             arrays = {acts_path(hook): reader.read_chunk(hook, index) for hook in self.hooks}
             self._update_moments(arrays, stop - start)
 
     def _describe_failure(self, error: BaseException, chunk: int) -> str:
         where = f"chunk {chunk} of {self.path}"
-        kept = f"the store is consistent at {self.n_chunks} committed chunks ({self.n_rows} rows)"
+        kept = f"the store is consistent at {self.manifest.n_chunks} committed chunks ({self.manifest.n_rows} rows)"
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             free = shutil.disk_usage(self.path).free // 2**20
             return f"disk full while writing {where} ({free} MiB free); {kept}: free space and rerun to resume"

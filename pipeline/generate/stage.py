@@ -123,8 +123,9 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
         bar.close()
     seconds = time.perf_counter() - began
     ended = "target reached" if rows >= g.target_tokens else "data exhausted"
-    _say(f"store {writer.path}: {writer.n_rows} rows in {writer.n_chunks} chunks ({ended})")
-    return GenerateResult(writer.path, writer.n_rows, rows - rows_before, forwarded, seconds, forward_seconds, resumed, False)
+    stored = writer.manifest
+    _say(f"store {writer.path}: {stored.n_rows} rows in {stored.n_chunks} chunks ({ended})")
+    return GenerateResult(writer.path, stored.n_rows, rows - rows_before, forwarded, seconds, forward_seconds, resumed, False)
 
 
 def window_batches(cfg: ExperimentConfig, lm: LanguageModel, spec: WindowSpec, start: WindowCursor = WindowCursor(), first_batch: int = 0) -> Iterator[Batch]:

@@ -32,20 +32,7 @@ def geometric_median(
 
     Returns a (d,) tensor in x's dtype (float64 for non-float inputs); cast as needed.
     """
-    median, _ = weiszfeld(x, tol=tol, max_iter=max_iter, eps=eps, weights=weights)
     out_dtype = x.dtype if x.is_floating_point() else _F64
-    return median.to(out_dtype)
-
-
-def weiszfeld(
-    x: torch.Tensor,
-    *,
-    tol: float = 1e-6,
-    max_iter: int = 200,
-    eps: float = 1e-8,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """geometric_median's iteration: (float64 estimate (d,), iterations run)."""
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"geometric_median needs a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
     data = x.detach().to(_F64)
@@ -54,26 +41,26 @@ def weiszfeld(
         raise ValueError("weights must be non-negative, one per row, and not all zero")
     estimate = data.median(dim=0).values if weights is None else (w @ data) / w.sum()
     scale = float(_distances(data, torch.zeros_like(estimate)).max()) or 1.0
-    for iteration in range(1, max_iter + 1):
+    for _ in range(max_iter):
         dist = _distances(data, estimate)
         at_estimate = dist <= eps * scale
         inv = torch.where(at_estimate, torch.zeros_like(dist), w / dist.clamp_min(eps * scale))
         if float(inv.sum()) == 0.0:
-            return estimate, iteration  # every point with weight sits on the estimate
+            break  # every point with weight sits on the estimate
         target = (inv @ data) / inv.sum()
         coincident_weight = float(w[at_estimate].sum())
         if coincident_weight > 0:
             # Vardi-Zhang: blend towards the data point by how strongly the others pull away.
             pull = float(torch.linalg.vector_norm((inv @ data) - inv.sum() * estimate))
             if pull <= coincident_weight:
-                return estimate, iteration  # the coinciding point is the median
+                break  # the coinciding point is the median
             share = coincident_weight / pull
             target = (1 - share) * target + share * estimate
         step = float(torch.linalg.vector_norm(target - estimate))
         estimate = target
         if step <= tol * max(float((w @ dist) / w.sum()), eps):
-            return estimate, iteration
-    return estimate, max_iter
+            break
+    return estimate.to(out_dtype)
 
 
 def _distances(data: torch.Tensor, point: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,8 @@ def write(path: Path, batches: list[dict], complete: bool = True, **options) -> 
 
 def resume_batches(writer: StoreWriter, batches: list[dict]) -> None:
     """Resume as generate does: redo the cursor's batch, skipping its stored rows, then the rest."""
-    first, skip = writer.cursor["batch"]["batch"], writer.cursor["rows_into_batch"]
+    cursor = writer.manifest["cursor"]
+    first, skip = cursor["batch"]["batch"], cursor["rows_into_batch"]
     for b, batch in enumerate(batches[first:], start=first):
         s = skip if b == first else 0
         acts = {hook: values[s:] for hook, values in batch["acts"].items()}
@@ -182,7 +183,7 @@ def test_torn_statistics_snapshot_is_recomputed_bitwise(tmp_path):
     group["stats/blocks.0.hook_resid_post/mean"][0] += 1.0
     assert any("checksum mismatch" in p for p in validate_store(path))
     resumed = StoreWriter.open(path)
-    assert resumed.n_rows == 240 and resumed.cursor == {"batch": {"batch": 5}, "rows_into_batch": 39}
+    assert resumed.manifest.n_rows == 240 and resumed.manifest["cursor"] == {"batch": {"batch": 5}, "rows_into_batch": 39}
     resume_batches(resumed, batches)
     assert compare_stores(tmp_path / "reference.zarr", path) == []
 
