@@ -22,7 +22,7 @@ _API = {
     "StoreReader": "store.reader",
     "ActivationLoader": "store.loader",
 }
-__all__ = sorted(_API)
+__all__ = ["ActivationLoader", "InitializerConfig", "SAEConfig", "SparseAutoencoder", "StoreReader", "load_config", "load_sae"]
 
 if TYPE_CHECKING:
     from pipeline.config import load_config

@@ -30,7 +30,6 @@ from pipeline.generate.lm import LanguageModel, load_language_model
 from pipeline.sae.io import load_sae
 from pipeline.sae.metrics import heldout_metrics
 from pipeline.sae.model import SparseAutoencoder
-from store.format import StoreError
 from store.loader import ActivationLoader
 from store.reader import StoreReader
 from store.split_moments import store_moments
@@ -42,11 +41,7 @@ HISTOGRAM_FILE = "eval_l0_histogram.json"
 def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None) -> dict[str, dict]:
     """Evaluate every variant of cfg; `lm` reuses a loaded model (tests, notebooks)."""
     reader = StoreReader(cfg.generate.store)
-    if reader.n_chunks <= cfg.loader.heldout_chunks:
-        raise StoreError(
-            f"store {reader.path} has {reader.n_chunks} chunks, too few for loader.heldout_chunks="
-            f"{cfg.loader.heldout_chunks}; run `saeflow generate` to completion first"
-        )
+    reader.split_chunks("heldout", cfg.loader.heldout_chunks)  # a StoreError naming the fix if there is none
     root = Path(cfg.train.out_dir)
     variants = sweep_variants(cfg)
     saes = {name: _load_trained(root / name, variant) for name, variant in variants}
