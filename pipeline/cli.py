@@ -1,4 +1,4 @@
-"""`saeflow` command line: generate, train, evaluate, inspect, validate.
+"""`saeflow` command line: generate, train, evaluate, inspect, validate, config.
 
 Every expected failure (bad config, bad store, missing model) is a one-line message on stderr
 and exit code 2; anything else is a bug and keeps its traceback.
@@ -7,12 +7,16 @@ and exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import click
+from pydantic import BaseModel
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import SWEEPABLE_SECTIONS, ConfigError, is_per_sae, load_config, sweep_variants
 from store.format import StoreError
 
 _set_option = click.option(
@@ -43,26 +47,34 @@ def main():
     """saeflow: cache LM activations once, train many sparse autoencoders from them."""
 
 
+def _on_config(command):
+    """A command on an experiment CONFIG: the config (with --set overrides) is loaded and
+    validated first, before any slow import, and handed to the command."""
+
+    @click.argument("config", type=click.Path(dir_okay=False))
+    @_set_option
+    @_clear_errors
+    @functools.wraps(command)
+    def with_config(config, overrides, **options):
+        return command(load_config(config, list(overrides)), **options)
+
+    return with_config
+
+
 @main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@_set_option
 @click.option("--overwrite", is_flag=True, help="Replace a store made with a different config.")
-@_clear_errors
-def generate(config, overrides, overwrite):
+@_on_config
+def generate(cfg, overwrite):
     """Stage 1: run the LM over the dataset and write hook activations to the store."""
-    cfg = load_config(config, list(overrides))  # validate before the slow imports
     from pipeline.generate.stage import generate as generate_store
 
     click.echo(f"store: {generate_store(cfg, overwrite=overwrite).path}")
 
 
 @main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@_set_option
-@_clear_errors
-def train(config, overrides):
+@_on_config
+def train(cfg):
     """Stage 2: train the SAE(s) of CONFIG from its store (resumes from a checkpoint)."""
-    cfg = load_config(config, list(overrides))  # validate before the slow imports
     from pipeline.train.stage import train as train_saes
 
     for directory in train_saes(cfg):
@@ -70,18 +82,22 @@ def train(config, overrides):
 
 
 @main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@_set_option
-@_clear_errors
-def evaluate(config, overrides):
+@_on_config
+def evaluate(cfg):
     """Evaluate the trained SAE(s) of CONFIG on held-out data; writes metrics.json."""
-    cfg = load_config(config, list(overrides))  # validate before the slow imports
     from pipeline.evaluate.stage import evaluate as evaluate_saes
 
-    metrics = evaluate_saes(cfg)
-    for name, values in metrics.items():
+    for name, values in evaluate_saes(cfg).items():
         summary = ", ".join(f"{key} {value:.4g}" for key, value in values.items() if isinstance(value, (int, float)))
         click.echo(f"{name}: {summary}")
+
+
+@main.command("config")
+@_on_config
+def show_config(cfg):
+    """Print the effective config (after --set): every key's value, default and meaning."""
+    sweep_variants(cfg)  # a bad sweep entry fails here as it would in train
+    click.echo(format_config(cfg))
 
 
 @main.command()
@@ -108,6 +124,70 @@ def validate(store):
         sys.exit(1)
     click.echo(f"ok: {store}")
 
+
+# --- `saeflow config`: one line per key ----------------------------------------------------------
+# * train.lr     = 0.01   (default 0.0004)  peak learning rate of Adam [per-SAE]
+# A leading * marks a value that differs from the field's default (what the YAML or --set
+# changed). Values print as JSON, which is also valid YAML for --set section.key=VALUE.
+REQUIRED = object()  # the default of a field that has none
+LEGEND = (
+    f"# * = differs from the default; a train.sweep entry may set any {', '.join(f'{s}.*' for s in SWEEPABLE_SECTIONS)} "
+    "key and the keys marked [per-SAE]"
+)
+# Longer values (hook lists, sweeps) overflow their column instead of widening every line.
+_MAX_VALUE_WIDTH = 28
+_MAX_NOTE_WIDTH = 28
+
+
+class ConfigRow(NamedTuple):
+    key: str  # dotted: "model.random.seed"
+    value: Any  # JSON-ready, as model_dump(mode="json") writes it
+    default: Any  # JSON-ready, or REQUIRED
+    description: str
+    per_sae: bool
+
+    @property
+    def changed(self) -> bool:
+        return self.default is not REQUIRED and self.value != self.default
+
+
+def config_rows(model: BaseModel, prefix: str = "") -> Iterator[ConfigRow]:
+    """One row per field of `model` in definition order; nested sections become dotted keys."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from config_rows(value, f"{prefix}{name}.")
+            continue
+        default = REQUIRED if field.is_required() else _as_json(model, name, field.get_default(call_default_factory=True))
+        yield ConfigRow(f"{prefix}{name}", _as_json(model, name, value), default, field.description or "",
+                        is_per_sae(field))
+
+
+def _as_json(model: BaseModel, name: str, value: Any) -> Any:
+    """`value` as field `name` of `model` serializes it (so a torch.dtype default reads "float32")."""
+    return model.model_copy(update={name: value}).model_dump(mode="json", include={name})[name]
+
+
+def format_config(cfg: BaseModel) -> str:
+    """The legend, then one aligned line per row of config_rows(cfg)."""
+    rows = list(config_rows(cfg))
+    values = [json.dumps(row.value) for row in rows]
+    notes = [_default_note(row) for row in rows]
+    key_width = max(len(row.key) for row in rows)
+    value_width = min(max(map(len, values)), _MAX_VALUE_WIDTH)
+    note_width = min(max(map(len, notes)), _MAX_NOTE_WIDTH)
+    lines = [LEGEND]
+    for row, value, note in zip(rows, values, notes):
+        mark = "*" if row.changed else " "
+        meaning = row.description + (" [per-SAE]" if row.per_sae else "")
+        lines.append(f"{mark} {row.key:<{key_width}} = {value:<{value_width}}  {note:<{note_width}}  {meaning}".rstrip())
+    return "\n".join(lines)
+
+
+def _default_note(row: ConfigRow) -> str:
+    if row.default is REQUIRED:
+        return "(required)"
+    return f"(default {json.dumps(row.default)})" if row.changed else ""
 
 if __name__ == "__main__":
     main()

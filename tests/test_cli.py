@@ -1,4 +1,5 @@
-"""generate -> train -> evaluate on configs/tiny.yaml through the real CLI, in a temp dir."""
+"""generate -> train -> evaluate on configs/tiny.yaml through the real CLI, in a temp dir;
+and `saeflow config`, which prints the effective config."""
 
 import json
 import subprocess
@@ -7,20 +8,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from safetensors.torch import load_file
+
+from pipeline.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def saeflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
+def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def saeflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = run_saeflow(*args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -59,3 +67,62 @@ def test_evaluate_writes_metrics_json(tiny_run):
     metrics = json.loads((tiny_run / "results" / "tiny" / "metrics.json").read_text())
     sae = metrics["sae"]
     assert 0 < sae["fvu"] < 1 and sae["l0"] == pytest.approx(8)
+
+
+def leaf_fields(model: type[BaseModel], prefix: str = ""):
+    """(dotted key, FieldInfo) per setting, in definition order; sections are walked into."""
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from leaf_fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
+
+
+def config_lines(*args: str) -> dict[str, str]:
+    """`saeflow config` output: dotted key -> its line (the legend, starting with #, left out)."""
+    result = run_saeflow("config", *args, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    keyed = {line[2:].split(" = ", 1)[0].strip(): line for line in lines}
+    assert len(keyed) == len(lines), "a key printed twice"
+    return keyed
+
+
+def test_config_prints_every_key_with_value_default_and_meaning():
+    lines = config_lines("configs/tiny.yaml", "--set", "train.lr=0.01")
+    fields = dict(leaf_fields(ExperimentConfig))
+    assert list(lines) == list(fields)  # every setting, in definition order, nested ones dotted
+    for key, field in fields.items():
+        assert field.description and field.description in lines[key], lines[key]
+    assert lines["train.lr"].startswith("* train.lr ")  # changed by --set: marked, default shown
+    assert "= 0.01 " in lines["train.lr"] and "(default 0.0004)" in lines["train.lr"]
+    assert lines["train.betas"].startswith("  train.betas ")  # not in tiny.yaml: unmarked
+    assert "= [0.9, 0.999]" in lines["train.betas"] and "(default" not in lines["train.betas"]
+    assert lines["model.random.n_layers"].startswith("  ")  # tiny.yaml repeats the default
+    assert "(required)" in lines["sae.d_model"] and "(required)" in lines["generate.hook_points"]
+    assert "[per-SAE]" in lines["train.aux_k"] and "[per-SAE]" not in lines["train.total_tokens"]
+
+
+def test_config_prints_a_sweep_compactly():
+    lines = config_lines("configs/tiny.yaml", "--set", "train.sweep=[{sae.top_k: 4}, {sae.top_k: 16, name: wide}]")
+    assert lines["train.sweep"].startswith("* train.sweep ")
+    assert '= [{"sae.top_k": 4}, {"sae.top_k": 16, "name": "wide"}]' in lines["train.sweep"]
+
+
+def test_config_rejects_a_misspelled_key_in_one_line():
+    result = run_saeflow("config", "configs/tiny.yaml", "--set", "train.lerning_rate=1", timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train.lerning_rate" in lines[0], result.stderr
+
+
+def test_config_loads_no_language_model_code():
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "main(['config', 'configs/tiny.yaml'], standalone_mode=False)\n"
+        "heavy = {'transformer_lens', 'transformers', 'datasets'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]

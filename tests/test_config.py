@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pydantic import BaseModel
 
 from pipeline import InitializerConfig, SAEConfig
-from pipeline.config import ConfigError, load_config, resolve_device, sweep_variants
+from pipeline.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    per_sae_train_keys,
+    resolve_device,
+    sweep_variants,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -96,3 +104,29 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="unknown device"):
         resolve_device("tpu-please")
+
+
+def walk_fields(model: type[BaseModel], prefix: str = ""):
+    """(dotted key, FieldInfo) for every field of `model`, sections and their fields alike."""
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from walk_fields(field.annotation, f"{prefix}{name}.")
+
+
+def test_every_config_field_describes_itself():
+    keys = dict(walk_fields(ExperimentConfig))
+    assert "model.random.seed" in keys and "sae.top_k" in keys and "initializer.seed" in keys
+    undescribed = [key for key, field in keys.items() if not (field.description or "").strip()]
+    assert not undescribed, f"fields without a description: {undescribed}"
+    assert all("\n" not in field.description for field in keys.values())
+
+
+def test_per_sae_train_keys_are_marked_on_the_fields():
+    assert per_sae_train_keys() == {
+        "lr", "betas", "lr_schedule", "lr_warmup_steps", "lr_decay_steps", "clip_grad_norm", "l1_coefficient",
+        "l1_warmup_steps", "sparsity_penalty", "tanh_stretch", "k_anneal_steps", "k_anneal_start", "aux_k",
+        "aux_k_coefficient", "dead_threshold_tokens", "decoder_norm", "autocast_dtype", "seed",
+    }
+    # shared by every variant: one loader pass feeds them all
+    assert not {"total_tokens", "out_dir", "sweep", "log_every_steps"} & per_sae_train_keys()

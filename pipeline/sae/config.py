@@ -18,7 +18,11 @@ from store.dtypes import dtype_name, torch_dtype
 class StrictModel(BaseModel):
     """Base for every config section: a misspelled key is an error, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=True)
+    # use_attribute_docstrings: the docstring under a field is its description (pydantic >= 2.7),
+    # which `saeflow config` prints next to the field's value.
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class SAEConfig(StrictModel):
@@ -30,31 +34,45 @@ class SAEConfig(StrictModel):
     """
 
     hook_point_in: str
+    """hook whose activations the SAE encodes (one of generate.hook_points)"""
     hook_point_out: str
+    """hook the SAE reconstructs; != hook_point_in makes a transcoder"""
     use_glu_encoder: bool = False
+    """gate hidden_pre by sigmoid(x W_enc_glu + b_enc_glu) (a GLU encoder)"""
     d_model: int
+    """width of the hook activations (the SAE's input and output size)"""
     expansion_factor: float = 8
+    """d_sae / d_model: number of latents per input dimension"""
     act_fn: ActFnName = "topk"
+    """activation function: relu (L1 penalty), topk, batchtopk or jumprelu (L0 penalty)"""
     top_k: int = 50
+    """active latents per token for topk, per token on average for batchtopk"""
     use_decoder_bias: bool = True
+    """learn b_dec (false = a zero buffer)"""
     # dataset-wise: inputs scaled so their mean norm is sqrt(d_model) (factor from the store's
     # statistics, folded into the weights at save); token-wise: each row to norm sqrt(d_model);
     # inference: no scaling (weights already folded).
     norm_activation: Literal["dataset-wise", "token-wise", "inference"] = "dataset-wise"
+    """input scaling: dataset-wise (mean norm sqrt(d_model)), token-wise, or inference (none)"""
     # Latents are ranked/thresholded by hidden_pre * ||W_dec row|| (topk, batchtopk, jumprelu
     # gates), and the trainer's sparsity penalty weighs activations by decoder norms.
     sparsity_include_decoder_norm: bool = True
+    """rank, gate and penalize latents by activation * decoder row norm"""
     # JumpReLU: width epsilon of the rectangle kernel of the threshold's pseudo-derivative, in
     # units of hidden pre-activations of normalized inputs (mean norm sqrt(d_model)). The paper's
     # epsilon=0.001 at unit-norm inputs is ~0.001*sqrt(d_model) here (0.03 at d=768); SAELens
     # trains with 0.05 at this scale. (lm_saes' default 2.0 is wider than typical thresholds.)
     jumprelu_window: float = Field(default=0.05, gt=0)
+    """JumpReLU: width of the threshold's pseudo-derivative kernel (normalized units)"""
     # topk: "sparse" = embedding_bag over the k kept latents, decoder and encoder gradient in
     # O(B*k*d_model); "dense" = (B, d_sae) @ W_dec with autograd; "auto" = sparse when
     # top_k <= d_sae / 8, the measured break-even (bench/sae_step.py: 1.1x there, 3x at d_sae/96).
     topk_decode: Literal["auto", "sparse", "dense"] = "auto"
+    """topk decoder path: sparse (embedding_bag), dense (matmul), auto (sparse if top_k <= d_sae/8)"""
     dtype: torch.dtype = torch.float32
+    """dtype of the SAE's parameters (float32, bfloat16, float16)"""
     device: str = "cpu"
+    """device the SAE trains on: cpu, cuda, cuda:N or auto (cuda when available)"""
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -109,23 +127,33 @@ class InitializerConfig(StrictModel):
     """
 
     bias_init_method: Literal["all_zero", "mean", "geometric_median"] = "geometric_median"
+    """b_dec starts at: all_zero, the sample mean, or its geometric median (Weiszfeld)"""
     # Coarse then fine grid over the decoder row norm, keeping the one with the lowest
     # reconstruction MSE on (up to 4096 rows of) the sample; see initialize.py for the grid.
     grid_search_init_norm: bool = True
+    """pick the initial decoder row norm by a grid search on reconstruction MSE"""
     # b_enc = -mean over the sample of the hidden pre-activation without b_enc: every latent's
     # mean pre-activation starts at 0 (exactly, GLU gate included).
     init_encoder_bias_with_mean_hidden_pre: bool = True
+    """set b_enc so every latent's mean pre-activation on the sample starts at 0"""
     # W_enc starts as W_dec.T (the seed/lm_saes default); False = independent random directions
     # (lm_saes recommends False for transcoders, whose in and out spaces differ).
     init_encoder_with_decoder_transpose: bool = True
+    """W_enc starts as W_dec.T (false = independent random directions)"""
     initialize_W_D_with_active_subspace: bool = False
+    """draw decoder rows from the target's top principal directions (low-rank hooks)"""
     d_active_subspace: int | None = Field(default=None, gt=0)
+    """number of principal directions for initialize_W_D_with_active_subspace"""
     init_log_jumprelu_threshold_value: float | None = None
+    """jumprelu: initial log threshold (required there), e.g. -2.3 for 0.1"""
     # Decoder row norm when grid_search_init_norm is False (None = 0.1, Anthropic's April 2024
     # heuristic and SAELens' default).
     init_decoder_norm: float | None = Field(default=None, gt=0)
-    n_samples: int = Field(default=100_000, gt=0)  # rows drawn from the store for init
+    """decoder row norm without the grid search (null = 0.1)"""
+    n_samples: int = Field(default=100_000, gt=0)
+    """rows drawn from the store's training split for the initialization"""
     seed: int = 0
+    """seed of the random weights and of the sample of rows"""
 
 
 def check_sae_and_initializer(sae: SAEConfig, init: InitializerConfig) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
+from pipeline.config import ExperimentConfig, resolve_device, sweep_variants
 from pipeline.files import write_text_atomically
 from pipeline.sae.initialize import check_against_store, initialize_sae
 from pipeline.sae.io import export_saelens, save_sae
@@ -31,19 +31,11 @@ from store.reader import StoreReader
 from store.sampling import sample_rows
 from store.split_moments import store_moments
 
-# Sections a sweep entry may change; the rest is shared because one loader feeds every variant.
-_SWEEPABLE = ("sae", "initializer")
-_SWEEPABLE_TRAIN = {"lr", "betas", "lr_schedule", "lr_warmup_steps", "lr_decay_steps", "clip_grad_norm",
-                    "l1_coefficient", "l1_warmup_steps", "sparsity_penalty", "tanh_stretch", "k_anneal_steps",
-                    "k_anneal_start", "aux_k", "aux_k_coefficient", "dead_threshold_tokens", "decoder_norm",
-                    "autocast_dtype", "seed"}
-
 
 def train(cfg: ExperimentConfig) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories."""
     reader = open_store(cfg.generate.store)
     variants = sweep_variants(cfg)
-    _check_shared_settings(cfg, variants)
     hooks = _hooks_needed(variants)
     for _, variant_cfg in variants:
         check_against_store(variant_cfg.sae, {hook: reader.d(hook) for hook in reader.hooks})
@@ -106,23 +98,6 @@ def open_store(path: str) -> StoreReader:
     if reader.n_chunks == 0:
         raise StoreError(f"store {path} has no committed rows; run `saeflow generate` first")
     return reader
-
-
-def _check_shared_settings(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentConfig]]) -> None:
-    base = cfg.model_dump(mode="json")
-    for name, variant in variants:
-        data = variant.model_dump(mode="json")
-        for section, values in data.items():
-            if section in _SWEEPABLE:
-                continue
-            for key, value in values.items():
-                if key == "sweep" or (section == "train" and key in _SWEEPABLE_TRAIN):
-                    continue
-                if value != base[section][key]:
-                    raise ConfigError(
-                        f"sweep variant {name!r} changes {section}.{key}, which all variants share "
-                        f"(one loader feeds them); sweep only sae.*, initializer.* and per-SAE train settings"
-                    )
 
 
 def _hooks_needed(variants: list[tuple[str, ExperimentConfig]]) -> list[str]:
