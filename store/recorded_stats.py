@@ -10,15 +10,19 @@ per array, so a snapshot torn by a crash is detected rather than trusted.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
-from store.dtypes import as_float64
-from store.format import StoreError, chunk_checksum, read_manifest, stats_path
+from store.dtypes import as_float64, numpy_dtype
+from store.format import Manifest, StoreError, acts_path, chunk_checksum, read_manifest, stats_path
 from store.moments import RunningMoments
+from store.reader import StoreReader
 
 STATS_ARRAYS = ("count", "mean", "m2", "norm_sum")
 
@@ -115,3 +119,50 @@ def load_stats(path: str | Path, hook: str) -> RunningMoments:
     if problems:
         raise StoreError(f"{path}: {problems[0]}; run `saeflow validate {path}` and regenerate if needed")
     return moments_from_arrays(read_stats_arrays(group, hook))
+
+
+class StatsRecorder:
+    """The writer's float64 moments of every committed chunk, saved under stats/<hook> when due.
+
+    Saving the d x d statistics costs as much as writing d + 2 rows per hook, so they are saved
+    only once the data written since the last save is at least as large (at most about half the
+    write bandwidth); a resume replays the chunks committed after the last save, from disk: the
+    same chunks give the same bits.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, manifest: Manifest, device: str | torch.device):
+        self._group, self._device = group, device
+        self._layout = manifest.layout
+        self.moments = {hook: RunningMoments(d) for hook, (d, _) in self._layout.items()}
+        self.saved_chunks = 0  # leading chunks the saved snapshot covers
+        stats_bytes = sum(8 * d * (d + 2) for d, _ in self._layout.values())
+        chunk_bytes = manifest.chunk_rows * sum(d * numpy_dtype(dtype).itemsize for d, dtype in self._layout.values())
+        self.interval = max(1, math.ceil(stats_bytes / chunk_bytes))
+        self._restore(path, manifest)
+
+    def _restore(self, path: Path, manifest: Manifest) -> None:
+        """Load the saved snapshot (or start over if it is torn) and replay the chunks after it."""
+        record = manifest.get("stats")
+        if record and not any(stats_problems(self._group, manifest, hook) for hook in self._layout):
+            self.moments = {hook: moments_from_arrays(read_stats_arrays(self._group, hook)) for hook in self._layout}
+            self.saved_chunks = int(record["chunks"])
+        if self.saved_chunks == manifest.n_chunks:
+            return
+        reader = StoreReader(path)
+        for index in range(self.saved_chunks, manifest.n_chunks):
+            start, stop = reader.chunk_bounds(index)
+            self.add_chunk({acts_path(hook): reader.read_chunk(hook, index) for hook in self._layout}, stop - start)
+
+    def add_chunk(self, arrays: Mapping[str, np.ndarray], rows: int) -> None:
+        """arrays: {array path: chunk buffer}, the first `rows` rows valid."""
+        for hook, (_, store_dtype) in self._layout.items():
+            self.moments[hook].merge(chunk_moments(arrays[acts_path(hook)][:rows], store_dtype, self._device))
+
+    def due(self, n_chunks: int) -> bool:
+        return n_chunks - self.saved_chunks >= self.interval
+
+    def save(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the statistics of the rows `manifest` commits; returns its "stats" record."""
+        algorithm = manifest["checksum_algorithm"]
+        checksums = {hook: save_stats(self._group, hook, self.moments[hook], algorithm) for hook in self._layout}
+        return {"chunks": manifest["n_chunks"], "rows": manifest["n_rows"], "checksums": checksums}

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import queue
 import shutil
+import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,27 +35,30 @@ import numpy as np
 import torch
 import zarr
 
+from store.batch_rows import stored_rows
+from store.dtypes import numpy_dtype
 from store.format import (
     TOKEN_ARRAYS,
+    Manifest,
     StoreError,
     acts_path,
     checksum_path,
     chunk_checksum,
     create_store,
-    Manifest,
     read_manifest,
     resize_rows,
     write_manifest,
 )
-from store.batch_rows import stored_rows
-from store.dtypes import numpy_dtype
 from store.lock import StoreLock
-from store.reader import StoreReader
-from store.moments import RunningMoments
-from store.recorded_stats import chunk_moments, moments_from_arrays, read_stats_arrays, save_stats, stats_problems
+from store.recorded_stats import StatsRecorder
 
 _PUT_POLL_S = 0.1  # how often a producer blocked on a full queue checks for a writer failure
 _STOP = object()
+# Test hook: "<phase>:<n>" SIGKILLs this process the n-th time a commit reaches <phase>, so tests
+# kill a writer at every point of a commit without relying on timing. Inert when unset.
+KILL_AT_ENV = "SAEFLOW_KILL_AT"
+COMMIT_PHASES = ("commit_started", "acts_written", "data_written", "checksums_written", "stats_written",
+                 "arrays_trimmed", "manifest_written")
 
 
 @dataclass
@@ -69,7 +74,6 @@ class StoreWriter:
 
     def __init__(self, path: Path, lock: StoreLock, queue_chunks: int, stats_device: str | torch.device):
         self.path = path
-        self._stats_device = stats_device
         self._lock = lock
         self._group = zarr.open_group(str(path), mode="r+")
         self.manifest = read_manifest(path)
@@ -78,10 +82,7 @@ class StoreWriter:
         self._commit_chunks = int(self.manifest.get("shard_chunks") or 1)
         self._layout = self.manifest.layout
         self._open_arrays()
-        self._moments = {hook: RunningMoments(d) for hook, (d, _) in self._layout.items()}
-        self._stats_chunks = 0
-        self._restore_stats()
-        self._stats_interval = self._stats_interval_chunks()
+        self._stats = StatsRecorder(path, self._group, self.manifest, stats_device)
         # Producer-side state.
         self.rows_accepted = self.manifest.n_rows
         self._next_index = self.manifest.n_chunks
@@ -94,6 +95,7 @@ class StoreWriter:
         self._error: BaseException | None = None
         self._error_message = ""
         self._finish_complete = False
+        self._kill_switch = _KillSwitch(os.environ.get(KILL_AT_ENV))
         self._thread = threading.Thread(target=self._run, name=f"saeflow-writer:{path.name}", daemon=True)
         self._thread.start()
 
@@ -165,12 +167,15 @@ class StoreWriter:
         pos: np.ndarray | torch.Tensor,
         cursor: dict[str, Any] | None = None,
         label: str = "batch",
+        rows_before: int = 0,
     ) -> None:
         """Add one batch of n rows: acts[hook] (n, d) for every hook, tokens/doc/pos (n,).
 
         `cursor` (JSON) says how to regenerate this batch; a commit records it with the number of
-        this batch's rows already committed. Raises StoreError, with nothing of this batch kept,
-        on NaN/inf (or values the store dtype cannot hold) and on a failure of the writer thread.
+        this batch's rows already committed, counting the `rows_before` rows of it that an earlier
+        run committed (the first batch of a resume continues where that run stopped). Raises
+        StoreError, with nothing of this batch kept, on NaN/inf (or values the store dtype cannot
+        hold) and on a failure of the writer thread.
         """
         self._raise_if_failed()
         if self._closed:
@@ -185,9 +190,9 @@ class StoreWriter:
             self._fill += take
             offset += take
             if self._fill == self.chunk_rows:
-                self._enqueue({"batch": cursor, "rows_into_batch": offset})
+                self._enqueue({"batch": cursor, "rows_into_batch": rows_before + offset})
         self.rows_accepted += n
-        self._last_cursor = {"batch": cursor, "rows_into_batch": n}
+        self._last_cursor = {"batch": cursor, "rows_into_batch": rows_before + n}
 
     def close(self, complete: bool = True) -> dict[str, Any]:
         """Commit what is queued; complete=True also commits the short final chunk and marks the
@@ -281,7 +286,7 @@ class StoreWriter:
                     pending = []
             if self._finish_complete:
                 self._commit(pending, final=True)
-            elif self._stats_chunks < self.manifest.n_chunks:
+            elif self._stats.saved_chunks < self.manifest.n_chunks:
                 self._commit([], save_stats=True)  # a clean stop leaves statistics of every commit
         except BaseException as error:  # surfaced to the producer by put()/close()
             first = pending[0].index if pending else self.manifest.n_chunks
@@ -291,6 +296,8 @@ class StoreWriter:
     def _commit(self, chunks: list[_Chunk], final: bool = False, save_stats: bool = False) -> None:
         """Write `chunks` (consecutive, a whole shard with shards), then the manifest. The new
         manifest replaces self.manifest only once written, so a failure reports the last commit."""
+        reached = self._kill_switch.reached
+        reached("commit_started")
         manifest = Manifest(self.manifest)
         if chunks:
             start = chunks[0].index * self.chunk_rows
@@ -298,55 +305,30 @@ class StoreWriter:
             if stop > self._arrays["tokens"].shape[0]:
                 resize_rows(self._group, manifest, max(stop, 2 * self._arrays["tokens"].shape[0]))
                 self._open_arrays()
-            for path, array in self._arrays.items():
-                parts = [chunk.arrays[path][: chunk.rows] for chunk in chunks]
-                array[start:stop] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                sums = [chunk_checksum(part, manifest["checksum_algorithm"]) for part in parts]
-                self._checksums[path][chunks[0].index : chunks[-1].index + 1] = np.array(sums, dtype="<u8")
+            parts = {path: [chunk.arrays[path][: chunk.rows] for chunk in chunks] for path in self._arrays}
+            for path, array in self._arrays.items():  # activations first, then tokens, doc, pos
+                array[start:stop] = parts[path][0] if len(chunks) == 1 else np.concatenate(parts[path])
+                if path == acts_path(self.hooks[-1]):
+                    reached("acts_written")
+            reached("data_written")
+            for path, sums in self._checksums.items():
+                sums[chunks[0].index : chunks[-1].index + 1] = np.array(
+                    [chunk_checksum(part, manifest["checksum_algorithm"]) for part in parts[path]], dtype="<u8")
+            reached("checksums_written")
             for chunk in chunks:
-                self._update_moments(chunk.arrays, chunk.rows)
+                self._stats.add_chunk(chunk.arrays, chunk.rows)
             manifest.update(n_chunks=chunks[-1].index + 1, n_rows=stop, cursor=chunks[-1].cursor)
-        if final or save_stats or manifest["n_chunks"] - self._stats_chunks >= self._stats_interval:
-            manifest["stats"] = self._save_stats(manifest)
+        if final or save_stats or self._stats.due(manifest.n_chunks):
+            manifest["stats"] = self._stats.save(manifest)
+        reached("stats_written")
         if final:
             resize_rows(self._group, manifest, manifest["n_rows"])
             manifest["complete"] = True
+            reached("arrays_trimmed")
         write_manifest(self._group, manifest)
+        reached("manifest_written")
         self.manifest = manifest
-        self._stats_chunks = int(manifest["stats"]["chunks"]) if manifest["stats"] else 0
-
-    def _update_moments(self, arrays: Mapping[str, np.ndarray], rows: int) -> None:
-        for hook, (_, store_dtype) in self._layout.items():
-            self._moments[hook].merge(chunk_moments(arrays[acts_path(hook)][:rows], store_dtype, self._stats_device))
-
-    def _save_stats(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Write the statistics of the rows `manifest` commits; returns its "stats" record."""
-        algorithm = manifest["checksum_algorithm"]
-        checksums = {hook: save_stats(self._group, hook, self._moments[hook], algorithm) for hook in self.hooks}
-        return {"chunks": manifest["n_chunks"], "rows": manifest["n_rows"], "checksums": checksums}
-
-    def _stats_interval_chunks(self) -> int:
-        """Save the d x d statistics only once the data written since the last save is at least
-        as large, so they cost at most about half the write bandwidth; resume replays the rest."""
-        stats_bytes = sum(8 * d * (d + 2) for d, _ in self._layout.values())
-        chunk_bytes = self.chunk_rows * sum(d * numpy_dtype(dtype).itemsize for d, dtype in self._layout.values())
-        return max(1, math.ceil(stats_bytes / chunk_bytes))
-
-    def _restore_stats(self) -> None:
-        """Load the saved statistics (or start over if the snapshot is torn) and replay the
-        committed chunks they do not cover, from disk: the same chunks give the same bits."""
-        record = self.manifest.get("stats")
-        if record and not any(stats_problems(self._group, self.manifest, hook) for hook in self.hooks):
-            for hook in self.hooks:
-                self._moments[hook] = moments_from_arrays(read_stats_arrays(self._group, hook))
-            self._stats_chunks = int(record["chunks"])
-        if self._stats_chunks == self.manifest.n_chunks:
-            return
-        reader = StoreReader(self.path)
-        for index in range(self._stats_chunks, self.manifest.n_chunks):
-            start, stop = reader.chunk_bounds(index)
-            arrays = {acts_path(hook): reader.read_chunk(hook, index) for hook in self.hooks}
-            self._update_moments(arrays, stop - start)
+        self._stats.saved_chunks = int(manifest["stats"]["chunks"]) if manifest["stats"] else 0
 
     def _describe_failure(self, error: BaseException, chunk: int) -> str:
         where = f"chunk {chunk} of {self.path}"
@@ -370,3 +352,21 @@ def _under_lock(path: Path, lock: StoreLock | None, build) -> StoreWriter:
         if owns_lock:
             lock.release()
         raise
+
+
+class _KillSwitch:
+    """The KILL_AT_ENV test hook: SIGKILL at the n-th time a commit reaches the phase."""
+
+    def __init__(self, spec: str | None):
+        self.phase, self.at, self.seen = None, 0, 0
+        if spec:
+            phase, _, n = spec.partition(":")
+            if phase not in COMMIT_PHASES or not n.isdigit():
+                raise StoreError(f"{KILL_AT_ENV}={spec!r}: use <phase>:<n>, phase one of {', '.join(COMMIT_PHASES)}")
+            self.phase, self.at = phase, int(n)
+
+    def reached(self, phase: str) -> None:
+        if phase == self.phase:
+            self.seen += 1
+            if self.seen == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -18,86 +18,17 @@ import torch
 import yaml
 import zarr
 
-from pipeline.config import ConfigError, ModelConfig, validate_config
+from pipeline.config import ConfigError, validate_config
 from pipeline.generate.stage import BATCH_DELAY_ENV, generate
-from pipeline.generate.lm import ModelLoadError, load_language_model
+from pipeline.generate.lm import ModelLoadError
 from pipeline.generate.text import DatasetError, iter_documents
 from store.format import StoreError, read_manifest
 from store.lock import lock_path
 from store.reader import StoreReader
 from store.validate import compare_stores, validate_store
+from tests.generate.corpus import HOOKS, RANDOM_MODEL, RARE_WORD, config_dict, make_config
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-RANDOM_MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_ctx": 256, "seed": 0}  # as configs/tiny.yaml
-WORDS = (
-    "the model reads text and writes activation rows into chunks of a store while a thread commits "
-    "each chunk with checksums statistics and a cursor so that a crash loses nothing committed"
-).split()
-RARE_DOC, RARE_WORD = 30, "zebra"  # one word in one document: poisoned to make NaN activations
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """200 documents of 3..120 words; every 7th is long enough to span several windows."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with path.open("w") as f:
-        for i in range(200):
-            n = int(rng.integers(60, 120)) if i % 7 == 0 else int(rng.integers(3, 40))
-            words = [WORDS[j] for j in rng.integers(0, len(WORDS), n)]
-            if i == RARE_DOC:
-                words.insert(n // 2, RARE_WORD)
-            f.write(json.dumps({"text": " ".join(words)}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    previous = os.environ.get("HF_DATASETS_CACHE")
-    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf-datasets"))
-    yield
-    if previous is None:
-        os.environ.pop("HF_DATASETS_CACHE")
-    else:
-        os.environ["HF_DATASETS_CACHE"] = previous
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_language_model(ModelConfig(name="random", random=RANDOM_MODEL))
-
-
-def config_dict(store: Path, corpus: Path, **generate) -> dict:
-    return {
-        "model": {"name": "random", "random": RANDOM_MODEL},
-        "dataset": {"source": str(corpus)},
-        "generate": {
-            "store": str(store),
-            "hook_points": HOOKS,
-            "context_size": 32,
-            "batch_size": 4,
-            "target_tokens": 3000,
-            "chunk_rows": 64,
-            **generate,
-        },
-        "sae": {"hook_point_in": HOOKS[0], "hook_point_out": HOOKS[0], "d_model": 64, "expansion_factor": 2, "top_k": 4},
-    }
-
-
-def make_config(store: Path, corpus: Path, **generate):
-    return validate_config(config_dict(store, corpus, **generate))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus, lm) -> Path:
-    """An uninterrupted run of the base config."""
-    store = tmp_path_factory.mktemp("reference") / "store.zarr"
-    result = generate(make_config(store, corpus), lm=lm)
-    assert (result.n_rows, result.rows_written, result.resumed) == (3000, 3000, False)
-    return store
-
-
 def token_streams(cfg, lm, n_docs: int) -> list[list[int]]:
     """Each document's token ids, as generate sees them."""
     texts = [text for _, text in zip(range(n_docs), iter_documents(cfg.dataset))]
