@@ -5,10 +5,12 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
 - sequential: every chunk file read in store order into one reused buffer (the disk's best case);
 - loader: one shuffled epoch of ActivationLoader batches in float16 (the stored dtype: what the
   CUDA path gathers, pins and copies to the GPU, which converts) and in float32 (CPU training
-  converts on the host: CPU-bound on 2 cores, so it measures conversion more than reading).
+  converts on the host: CPU-bound on 2 cores, so it measures conversion more than reading);
+- the float16 epoch once more with verified reads off (loader verify=False): every other loader
+  epoch checks each chunk against its recorded checksum, as training does by default.
 GB/s counts stored bytes delivered; CPU s/GB (all threads) shows the cost independent of other
 load on a shared machine. Goals, on float16 batches: shuffled/sequential >= 0.8 cold (the I/O
-pattern's cost); >= 2 GB/s warm.
+pattern's cost); >= 2 GB/s warm; verified/unverified >= 0.95 (checksums cost at most 5%).
 
     .venv/bin/python bench/loader_throughput.py [--store PATH] [--rows N] [--workers K]
 """
@@ -28,7 +30,16 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store.format import acts_path, create_store, read_manifest, write_manifest  # noqa: E402
+from store.format import (  # noqa: E402
+    acts_path,
+    checksum_path,
+    chunk_checksum,
+    create_store,
+    data_array_paths,
+    read_manifest,
+    resize_rows,
+    write_manifest,
+)
 from store.loader import ActivationLoader  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
@@ -43,11 +54,19 @@ def build_store(path: Path, n_rows: int) -> None:
     )
     rng = np.random.default_rng(0)
     array = group[acts_path(HOOK)]
+    manifest = read_manifest(path)
+    sums = []
     for start in range(0, n_rows, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, n_rows)
-        array[start:stop] = rng.standard_normal((stop - start, D), dtype=np.float32).astype(np.float16)
-    manifest = read_manifest(path)
+        rows = rng.standard_normal((stop - start, D), dtype=np.float32).astype(np.float16)
+        array[start:stop] = rows
+        sums.append(chunk_checksum(rows, manifest["checksum_algorithm"]))
+    group[checksum_path(acts_path(HOOK))][: len(sums)] = np.array(sums, dtype="<u8")
+    for array_path in data_array_paths(manifest)[1:]:  # tokens, doc, pos: all zeros
+        zeros = group[array_path][:CHUNK_ROWS]
+        group[checksum_path(array_path)][:] = chunk_checksum(zeros, manifest["checksum_algorithm"])
     manifest.update(n_rows=n_rows, n_chunks=-(-n_rows // CHUNK_ROWS), complete=True)
+    resize_rows(group, manifest, n_rows)
     write_manifest(zarr.open_group(str(path), mode="r+"), manifest)
     os.sync()  # DONTNEED only drops clean pages
 
@@ -77,14 +96,14 @@ def sequential_read(files: list[Path]) -> int:
     return total
 
 
-def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype) -> int:
+def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True) -> int:
     loader = ActivationLoader(
         path, HOOK, batch_size=4096, heldout_chunks=0, shuffle_buffer_chunks=8, prefetch_batches=4,
-        num_workers=workers, dtype=dtype, max_rows=n_rows, seed=0,
+        num_workers=workers, dtype=dtype, max_rows=n_rows, seed=0, verify=verify,
     )
     rows = 0
     for batch in loader:
-        rows += batch.shape[0]
+        rows += batch[HOOK].shape[0]
     return rows * D * 2
 
 
@@ -128,10 +147,12 @@ def main() -> None:
             record("seq_cold", "sequential read, cold", lambda: sequential_read(files), cold=True)
             record("loader_cold", "loader shuffled float32, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=True)
             record("loader_cold16", "loader shuffled float16, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=True)
+            record("unverified_cold16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=True)
         for _ in range(args.repeats):
             record("seq_warm", "sequential read, warm", lambda: sequential_read(files), cold=False)
             record("loader_warm", "loader shuffled float32, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=False)
             record("loader_warm16", "loader shuffled float16, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=False)
+            record("unverified_warm16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=False)
         best = {key: max(values) for key, values in results.items()}
         if best["seq_cold"] > 0.8 * best["seq_warm"]:
             print("note: cold and warm sequential reads are alike: the page cache was probably not dropped")
@@ -141,6 +162,8 @@ def main() -> None:
         print(f"loader shuffled/sequential cold, float32 batches (CPU-bound: the fp16 -> fp32 conversion): "
               f"{best['loader_cold'] / best['seq_cold']:.2f}")
         print(f"loader shuffled/sequential cold, float16 batches: {best['loader_cold16'] / best['seq_cold']:.2f} (goal >= 0.8)")
+        print(f"verified/unverified loader, float16 batches, cold: {best['loader_cold16'] / best['unverified_cold16']:.2f}")
+        print(f"verified/unverified loader, float16 batches, warm: {best['loader_warm16'] / best['unverified_warm16']:.2f} (goal >= 0.95)")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,8 @@ class LoaderConfig(StrictModel):
     """seed of the shuffle order"""
     pin_memory: bool = True
     """page-locked batches + non_blocking copies when training on CUDA"""
+    verify: bool = True
+    """check every chunk against its recorded checksum on first read; false skips it (not advised)"""
 
 
 class TrainConfig(StrictModel):

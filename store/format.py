@@ -45,6 +45,18 @@ class StoreError(RuntimeError):
     """A store problem, phrased as one line that names the problem and the fix."""
 
 
+class ChunkError(StoreError):
+    """One chunk of a store is damaged: missing, truncated, grown, undecodable or not matching
+    its recorded checksum."""
+
+    def __init__(self, store: Path, array_path: str, index: int, reason: str):
+        self.array_path, self.index, self.reason = array_path, index, reason
+        super().__init__(
+            f"store {store}: {array_path} chunk {index} {reason}; run `saeflow validate {store}`, "
+            "then regenerate the store or restore it from a copy"
+        )
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -220,11 +232,23 @@ def write_manifest(group: zarr.Group, manifest: dict[str, Any]) -> None:
     group.attrs.update({MANIFEST_KEY: dict(manifest)})
 
 
-def read_manifest(path: str | Path) -> Manifest:
+def open_store_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's zarr group; unreadable group metadata is a StoreError naming the file."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not an activation store (no zarr.json); run `saeflow generate` to create one")
-    group = zarr.open_group(str(path), mode="r")
+    try:
+        return zarr.open_group(str(path), mode=mode)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise StoreError(
+            f"{path / 'zarr.json'} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}); the store's "
+            "metadata is damaged: restore the store from a copy or regenerate it"
+        ) from None
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    group = open_store_group(path)
     manifest = group.attrs.get(MANIFEST_KEY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a zarr group but not a saeflow activation store (no manifest)")

@@ -7,14 +7,19 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.format import TOKEN_ARRAYS, acts_path, read_manifest
+from store.format import TOKEN_ARRAYS, acts_path, open_store_group, read_manifest
+from store.integrity import layout_problems, manifest_problems
 from store.recorded_stats import moments_from_arrays, read_stats_arrays, stats_problems
 
 
 def describe_store(path: str | Path) -> str:
     path = Path(path)
     manifest = read_manifest(path)
-    group = zarr.open_group(str(path), mode="r")
+    group = open_store_group(path)
+    problems = manifest_problems(manifest) or layout_problems(group, manifest)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"store {path} is DAMAGED: {problems[0]}{more}; run `saeflow validate {path}`"
     rows, chunks = int(manifest["n_rows"]), int(manifest["n_chunks"])
     state = "complete" if manifest["complete"] else "INCOMPLETE (rerun generate to resume)"
     lines = [

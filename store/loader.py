@@ -51,6 +51,9 @@ class ActivationLoader:
         rows yielded before a restored cursor; per rank). None: training never ends.
     rank/world_size: data-parallel sharding by chunk (see store/shuffle.py).
     num_workers: reader threads; prefetch_batches: finished batches queued ahead of the consumer.
+    verify: check each chunk against its recorded checksum the first time it is read (when
+        `store` is a path; a StoreReader brings its own setting). A damaged chunk stops the
+        iteration with a StoreError before any batch holds its rows.
 
     Batches are dicts of tensors owned by the caller. state_dict() after batch b restores a
     loader that yields batch b+1 next, exactly as the uninterrupted run would.
@@ -75,8 +78,9 @@ class ActivationLoader:
         pin_memory: bool = True,
         max_rows: int | None = None,
         cursor: dict[str, Any] | None = None,
+        verify: bool = True,
     ):
-        self.reader = store if isinstance(store, StoreReader) else StoreReader(store)
+        self.reader = store if isinstance(store, StoreReader) else StoreReader(store, verify=verify)
         self.hooks: list[str] = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
         if not self.hooks:
             raise StoreError("the loader needs at least one hook")

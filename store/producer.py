@@ -188,6 +188,9 @@ class Producer:
         return futures
 
     def _copy_chunk(self, hook: str, chunk: int, target: np.ndarray) -> None:
-        rows = self.reader.read_chunk(hook, chunk)  # a memmap of a raw chunk, or decoded by zarr
+        """Load a chunk into the group buffer and verify the copy batches are gathered from."""
+        rows = self.reader.read_chunk(hook, chunk, verify=False)  # a memmap of a raw chunk, or decoded by zarr
         if not read_mapped_into(rows, target):
             np.copyto(target, rows, casting="no")
+        if self.reader.verify:
+            self.reader.verify_chunk(hook, chunk, target)

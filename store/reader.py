@@ -1,12 +1,19 @@
 """Read committed chunks of a store: np.memmap for raw chunk files, zarr decoding otherwise.
 
-Only rows below the manifest's committed count are ever returned. For uncompressed arrays a
-chunk is a raw little-endian C-order file (or a byte range of a shard file found through the
-shard index), so the fast path maps it without a copy or a codec.
+Only rows below the manifest's committed count are ever returned, and only from a store whose
+metadata agree with its manifest (store/integrity.py; checked when the reader opens). For
+uncompressed arrays a chunk is a raw little-endian C-order file (or a byte range of a shard file
+found through the shard index), so the fast path maps it without a copy or a codec.
+
+Verified reads: the first read of each chunk is checked against the checksum the writer
+recorded (verify=True, the default), so a flipped byte, a NaN written in, a truncated, grown or
+deleted chunk file is a StoreError naming the store, array and chunk, never silently fill values
+or wrong rows. The loader verifies the copy it trains on (verify_chunk).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -16,21 +23,41 @@ import torch
 import zarr
 
 from store.dtypes import from_stored_numpy, numpy_dtype
-from store.format import TOKEN_ARRAYS, StoreError, acts_path, read_manifest
+from store.format import TOKEN_ARRAYS, ChunkError, StoreError, acts_path, checksum_path, chunk_checksum, open_store_group, read_manifest
+from store.integrity import layout_problems, manifest_problems
 
 # An uncompressed shard ends with an index of (offset, nbytes) uint64 pairs per inner chunk,
 # followed by a crc32c checksum of the index (zarr's default index codecs).
 _SHARD_INDEX_CRC_BYTES = 4
+CHECKSUM_MISMATCH = "does not match the checksum recorded when it was written"
 
 
 Split = Literal["train", "heldout"]
 
 
+@dataclass(frozen=True)
+class _ArrayLayout:
+    dtype: np.dtype  # of the raw bytes
+    chunk_shape: tuple[int, ...]
+    per_shard: int | None  # inner chunks per shard file; None without shards
+    raw: bool  # no codec but the bytes codec: chunks can be memory-mapped
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+
 class StoreReader:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, verify: bool = True):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._group = zarr.open_group(str(self.path), mode="r")
+        self._group = open_store_group(self.path)
+        problems = manifest_problems(self.manifest) or layout_problems(self._group, self.manifest)
+        if problems:
+            raise StoreError(f"store {self.path} is damaged: {problems[0]}; run `saeflow validate {self.path}`")
+        self.verify = verify
+        self._verified: set[tuple[str, int]] = set()
+        self._checksums: dict[str, np.ndarray] = {}
 
     # --- shape of the store -------------------------------------------------------------
     @property
@@ -88,58 +115,116 @@ class StoreReader:
         return from_stored_numpy(rows, self.store_dtype(hook)).to(dtype)
 
     # --- chunk reads --------------------------------------------------------------------
-    def read_chunk(self, name: str, index: int) -> np.ndarray:
-        """Chunk `index` of `acts/<hook>` (by hook name) or of tokens/doc/pos, as stored."""
+    def read_chunk(self, name: str, index: int, *, verify: bool | None = None) -> np.ndarray:
+        """Chunk `index` of `acts/<hook>` (by hook name) or of tokens/doc/pos, as stored;
+        verified on first read unless verify (default: the reader's setting) is False."""
         start, stop = self.chunk_bounds(index)
-        array_path = name if name in TOKEN_ARRAYS else acts_path(name)
-        mapped = self._memmap_chunk(array_path, name, index)
-        if mapped is not None:
-            return mapped[: stop - start]
-        return self._array(array_path)[start:stop]
+        array_path = _array_path(name)
+        rows = self._read_chunk(array_path, index, start, stop)
+        if self.verify if verify is None else verify:
+            self.verify_chunk(name, index, rows)
+        return rows
+
+    def verify_chunk(self, name: str, index: int, rows: np.ndarray) -> None:
+        """ChunkError unless `rows`, chunk `index` as read, match the checksum the writer recorded
+        (each chunk is checked once per reader)."""
+        array_path = _array_path(name)
+        if (array_path, index) in self._verified:
+            return
+        if chunk_checksum(rows, self.manifest["checksum_algorithm"]) != int(self._recorded(array_path)[index]):
+            raise self._damaged(array_path, index, CHECKSUM_MISMATCH)
+        self._verified.add((array_path, index))
+
+    def check_chunk_files(self) -> None:
+        """ChunkError for the first committed chunk whose file is missing or, for raw chunk
+        files, has the wrong size: one stat per file, no data read (train and evaluate run it
+        before they start; only a read with verify sees a changed byte)."""
+        for array_path, layout in self._layouts.items():
+            files = range(self.n_chunks) if layout.per_shard is None else range(0, self.n_chunks, layout.per_shard)
+            for index in files:
+                file = self._chunk_file(array_path, index)
+                if not file.is_file():
+                    self._check_fill_chunk(file, array_path, index)
+                elif layout.raw and layout.per_shard is None:
+                    self._check_raw_size(file, array_path, index, layout)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         stop = min(stop, self.n_rows)
-        array_path = name if name in TOKEN_ARRAYS else acts_path(name)
-        return self._array(array_path)[start:stop]
+        return self._array(_array_path(name))[start:stop]
 
     def _array(self, array_path: str) -> zarr.Array:
         return self._group[array_path]
 
-    @cached_property
-    def _raw_layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...], int | None] | None]:
-        """Per array: (dtype, chunk shape, inner chunks per shard) when chunks are raw bytes."""
-        layout = {}
-        for name in [*self.hooks, *TOKEN_ARRAYS]:
-            path = name if name in TOKEN_ARRAYS else acts_path(name)
-            array = self._array(path)
-            if array.compressors or array.filters:
-                layout[path] = None
-                continue
-            dtype = np.dtype(TOKEN_ARRAYS[name]) if name in TOKEN_ARRAYS else numpy_dtype(self.store_dtype(name))
-            shards = array.shards
-            per_shard = shards[0] // array.chunks[0] if shards else None
-            layout[path] = (dtype, tuple(array.chunks), per_shard)
-        return layout
+    def _damaged(self, array_path: str, index: int, reason: str) -> ChunkError:
+        return ChunkError(self.path, array_path, index, reason)
 
-    def _memmap_chunk(self, array_path: str, name: str, index: int) -> np.ndarray | None:
-        layout = self._raw_layout.get(array_path)
-        if layout is None:
-            return None
-        dtype, chunk_shape, per_shard = layout
-        suffix = "/".join(["0"] * (len(chunk_shape) - 1))
-        if per_shard is None:
-            file = self.path / array_path / "c" / str(index) / suffix if suffix else self.path / array_path / "c" / str(index)
-            if not file.is_file():
-                return None
-            return np.memmap(file, dtype=dtype, mode="r", shape=chunk_shape)
-        shard, inner = divmod(index, per_shard)
-        file = self.path / array_path / "c" / str(shard) / suffix if suffix else self.path / array_path / "c" / str(shard)
-        if not file.is_file():
-            return None
-        index_bytes = per_shard * 16 + _SHARD_INDEX_CRC_BYTES
+    @cached_property
+    def _layouts(self) -> dict[str, _ArrayLayout]:
+        layouts = {}
+        for name in [*self.hooks, *TOKEN_ARRAYS]:
+            array = self._array(_array_path(name))
+            dtype = np.dtype(TOKEN_ARRAYS[name]) if name in TOKEN_ARRAYS else numpy_dtype(self.store_dtype(name))
+            per_shard = array.shards[0] // array.chunks[0] if array.shards else None
+            raw = not (array.compressors or array.filters)
+            layouts[_array_path(name)] = _ArrayLayout(dtype, tuple(array.chunks), per_shard, raw)
+        return layouts
+
+    def _chunk_file(self, array_path: str, index: int) -> Path:
+        """The file holding chunk `index`: its own chunk file, or its shard's."""
+        layout = self._layouts[array_path]
+        key = index if layout.per_shard is None else index // layout.per_shard
+        return self.path / array_path / "c" / str(key) / ("0" if len(layout.chunk_shape) == 2 else "")
+
+    def _check_fill_chunk(self, file: Path, array_path: str, index: int) -> None:
+        """A chunk without a file reads as zeros: fine only if zeros are what was committed (stores
+        written before every chunk got a file lack their all-zero chunks); otherwise damage."""
+        start, stop = self.chunk_bounds(index)
+        layout = self._layouts[array_path]
+        zeros = np.zeros((stop - start, *layout.chunk_shape[1:]), dtype=layout.dtype)
+        if chunk_checksum(zeros, self.manifest["checksum_algorithm"]) != int(self._recorded(array_path)[index]):
+            raise self._damaged(array_path, index, f"is missing ({file} does not exist)")
+
+    def _recorded(self, array_path: str) -> np.ndarray:
+        """The checksums the writer recorded for the committed chunks of `array_path`."""
+        if array_path not in self._checksums:
+            self._checksums[array_path] = np.asarray(self._array(checksum_path(array_path))[: self.n_chunks])
+        return self._checksums[array_path]
+
+    def _read_chunk(self, array_path: str, index: int, start: int, stop: int) -> np.ndarray:
+        file = self._chunk_file(array_path, index)
+        layout = self._layouts[array_path]
+        if not file.is_file():  # never fill values in place of committed data
+            self._check_fill_chunk(file, array_path, index)
+            return np.zeros((stop - start, *layout.chunk_shape[1:]), dtype=layout.dtype)
+        mapped = self._memmap_chunk(file, array_path, index, layout) if layout.raw else None
+        if mapped is not None:
+            return mapped[: stop - start]
+        try:
+            return self._array(array_path)[start:stop]
+        except Exception as error:  # noqa: BLE001 - any codec failure means undecodable bytes
+            raise self._damaged(array_path, index, f"cannot be decoded ({type(error).__name__}: {error})") from None
+
+    def _check_raw_size(self, file: Path, array_path: str, index: int, layout: _ArrayLayout) -> None:
         size = file.stat().st_size
-        table = np.fromfile(file, dtype="<u8", count=2 * per_shard, offset=size - index_bytes).reshape(-1, 2)
-        offset, nbytes = (int(v) for v in table[inner])
-        if offset == 2**64 - 1 or nbytes != int(np.prod(chunk_shape)) * dtype.itemsize:
-            return None  # chunk missing from the shard or stored some other way: let zarr decode
-        return np.memmap(file, dtype=dtype, mode="r", shape=chunk_shape, offset=offset)
+        if size != layout.chunk_bytes:
+            raise self._damaged(array_path, index, f"file {file} has {size} bytes, a chunk has {layout.chunk_bytes}")
+
+    def _memmap_chunk(self, file: Path, array_path: str, index: int, layout: _ArrayLayout) -> np.ndarray | None:
+        if layout.per_shard is None:
+            self._check_raw_size(file, array_path, index, layout)
+            return np.memmap(file, dtype=layout.dtype, mode="r", shape=layout.chunk_shape)
+        chunk_bytes = layout.chunk_bytes
+        size = file.stat().st_size
+        index_bytes = layout.per_shard * 16 + _SHARD_INDEX_CRC_BYTES
+        if size < index_bytes:
+            raise self._damaged(array_path, index, f"shard file {file} has {size} bytes, less than its index")
+        table = np.fromfile(file, dtype="<u8", count=2 * layout.per_shard, offset=size - index_bytes).reshape(-1, 2)
+        offset, nbytes = (int(v) for v in table[index % layout.per_shard])
+        if offset == 2**64 - 1 or nbytes != chunk_bytes or offset + nbytes > size - index_bytes:
+            return None  # missing from the shard, stored some other way or a bad index: zarr decides
+        return np.memmap(file, dtype=layout.dtype, mode="r", shape=layout.chunk_shape, offset=offset)
+
+
+def _array_path(name: str) -> str:
+    """The array of a hook name or of tokens/doc/pos."""
+    return name if name in TOKEN_ARRAYS else acts_path(name)

@@ -20,7 +20,7 @@ import torch
 import zarr
 
 from store.dtypes import as_float64, numpy_dtype
-from store.format import Manifest, StoreError, acts_path, chunk_checksum, read_manifest, stats_path
+from store.format import Manifest, StoreError, acts_path, chunk_checksum, open_store_group, read_manifest, stats_path
 from store.moments import RunningMoments
 from store.reader import StoreReader
 
@@ -114,7 +114,7 @@ def load_stats(path: str | Path, hook: str) -> RunningMoments:
     They cover manifest["stats"]["rows"] rows: all of a complete store's rows.
     """
     manifest = read_manifest(path)
-    group = zarr.open_group(str(path), mode="r")
+    group = open_store_group(path)
     problems = stats_problems(group, manifest, hook)
     if problems:
         raise StoreError(f"{path}: {problems[0]}; run `saeflow validate {path}` and regenerate if needed")

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from store.batch_rows import stored_rows
 from store.dtypes import numpy_dtype
@@ -45,6 +44,7 @@ from store.format import (
     checksum_path,
     chunk_checksum,
     create_store,
+    open_store_group,
     read_manifest,
     resize_rows,
     write_manifest,
@@ -75,7 +75,7 @@ class StoreWriter:
     def __init__(self, path: Path, lock: StoreLock, queue_chunks: int, stats_device: str | torch.device):
         self.path = path
         self._lock = lock
-        self._group = zarr.open_group(str(path), mode="r+")
+        self._group = open_store_group(path, mode="r+")
         self.manifest = read_manifest(path)
         self.hooks = self.manifest.hooks
         self.chunk_rows = self.manifest.chunk_rows
@@ -263,7 +263,9 @@ class StoreWriter:
 
     def _open_arrays(self) -> None:
         """Array handles for the data and its checksums (reopened after a resize)."""
-        self._arrays = {path: self._group[path] for path in self.manifest.array_paths}
+        # write_empty_chunks is a property of an open array, not of the stored metadata: without it
+        # an all-zero chunk (a doc chunk of document 0) would get no file
+        self._arrays = {path: self._group[path].with_config({"write_empty_chunks": True}) for path in self.manifest.array_paths}
         self._checksums = {path: self._group[checksum_path(path)] for path in self._arrays}
 
     def _new_buffers(self) -> dict[str, np.ndarray]:
@@ -281,7 +283,9 @@ class StoreWriter:
                 if item is _STOP:
                     break
                 pending.append(item)
-                if (item.index + 1) % self._commit_chunks == 0:
+                # a short chunk can only be the last: it is committed with the completion, so an
+                # incomplete store never ends in one
+                if item.rows == self.chunk_rows and (item.index + 1) % self._commit_chunks == 0:
                     self._commit(pending)
                     pending = []
             if self._finish_complete:

@@ -8,7 +8,17 @@ import numpy as np
 import zarr
 
 from store.dtypes import as_float64
-from store.format import TOKEN_ARRAYS, acts_path, create_store, read_manifest, write_manifest
+from store.format import (
+    TOKEN_ARRAYS,
+    acts_path,
+    checksum_path,
+    chunk_checksum,
+    create_store,
+    data_array_paths,
+    read_manifest,
+    resize_rows,
+    write_manifest,
+)
 from store.recorded_stats import save_stats
 from store.moments import RunningMoments
 
@@ -55,6 +65,12 @@ def make_store(
     manifest["n_rows"] = n
     manifest["n_chunks"] = -(-n // chunk_rows)
     manifest["complete"] = True
+    resize_rows(group, manifest, n)  # a complete store is trimmed to its rows, as the writer does
+    for array_path in data_array_paths(manifest):  # the checksums verified reads compare against
+        values = group[array_path][:n]
+        sums = [chunk_checksum(values[start : start + chunk_rows], manifest["checksum_algorithm"])
+                for start in range(0, n, chunk_rows)]
+        group[checksum_path(array_path)][:] = np.array(sums, dtype="<u8")
     write_manifest(zarr.open_group(str(path), mode="r+"), manifest)
     return path
 

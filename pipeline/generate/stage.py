@@ -95,7 +95,7 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
             if rows >= g.target_tokens:
                 break
             keep = batch.kept(g.drop_special_tokens)[skip:][: g.target_tokens - rows]
-            rows_before, skip = skip, 0  # rows of this batch an interrupted run already stored
+            stored_of_batch, skip = skip, 0  # rows of this batch an interrupted run already stored
             if not len(keep):
                 continue  # every row of this batch is already stored (resume at a batch's end)
             mask = None if batch.attention_mask is None else torch.from_numpy(batch.attention_mask)
@@ -113,7 +113,7 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
                 batch.pos.reshape(-1)[keep],
                 cursor=batch.cursor(),
                 label=label,
-                rows_before=rows_before,
+                rows_before=stored_of_batch,
             )
             rows += len(keep)
             bar.update(len(keep))

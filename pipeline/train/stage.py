@@ -34,7 +34,7 @@ from store.split_moments import store_moments
 
 def train(cfg: ExperimentConfig) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories."""
-    reader = open_store(cfg.generate.store)
+    reader = open_store(cfg.generate.store, verify=cfg.loader.verify)
     variants = sweep_variants(cfg)
     hooks = _hooks_needed(variants)
     for _, variant_cfg in variants:
@@ -93,8 +93,9 @@ def keep_large_blocks_in_heap() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def open_store(path: str) -> StoreReader:
-    reader = StoreReader(path)
+def open_store(path: str, *, verify: bool = True) -> StoreReader:
+    reader = StoreReader(path, verify=verify)
+    reader.check_chunk_files()
     if reader.n_chunks == 0:
         raise StoreError(f"store {path} has no committed rows; run `saeflow generate` first")
     return reader

@@ -208,7 +208,7 @@ def test_breaking_out_early_stops_the_threads_and_errors_reach_the_consumer(id_s
     # a truncated chunk file fails in a reader thread; the consumer sees the error
     chunk_file = id_store / "acts" / HOOK / "c" / "3" / "0"
     chunk_file.write_bytes(chunk_file.read_bytes()[:100])
-    with pytest.raises((ValueError, OSError)):
+    with pytest.raises(StoreError, match=r"chunk 3 file .* has 100 bytes, a chunk has 1024; run `saeflow validate"):
         list(ActivationLoader(id_store, HOOK, batch_size=16, heldout_chunks=1, max_rows=5000))
 
 

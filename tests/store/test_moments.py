@@ -100,16 +100,17 @@ def test_store_moments_equal_a_pass_over_the_training_chunks(tmp_path, recorded_
 def test_store_moments_use_the_recorded_snapshot_and_reject_a_torn_one(tmp_path):
     data = _store_rows()
     path = make_store(tmp_path / "s.zarr", {HOOK: data}, CHUNK, store_dtype="float32", recorded_stats_chunks=16)
-    # Change a training chunk behind the snapshot's back: only a fresh pass sees the change.
+    # Change a training chunk behind the snapshot's back: only a fresh pass sees the change (with
+    # verified reads off: verified, the changed chunk stops the pass).
     (path / "acts" / HOOK / "c" / "0" / "0").write_bytes(np.zeros((CHUNK, 6), "<f4").tobytes())
-    reader = StoreReader(path)
+    reader = StoreReader(path, verify=False)
     recorded = store_moments(reader, HOOK, heldout_chunks=1)
     fresh = store_moments(reader, HOOK, heldout_chunks=1, use_recorded=False)
     np.testing.assert_allclose(recorded.mean.numpy(), _training(data, 1, 16).mean(axis=0), rtol=1e-10)
     assert not torch.allclose(recorded.mean, fresh.mean)
     # A snapshot whose bytes no longer match the manifest's checksums is not trusted.
     (path / "stats" / HOOK / "mean" / "c" / "0").write_bytes(np.ones(6, "<f8").tobytes())
-    assert torch.allclose(store_moments(StoreReader(path), HOOK, heldout_chunks=1).mean, fresh.mean, rtol=1e-12)
+    assert torch.allclose(store_moments(StoreReader(path, verify=False), HOOK, heldout_chunks=1).mean, fresh.mean, rtol=1e-12)
 
 
 def test_norm_scale_and_principal_components_of_the_training_split(tmp_path):
