@@ -168,7 +168,9 @@ class TrainConfig(StrictModel):
     decoder_norm: Literal["unit", "in_sparsity"] = per_sae("unit")
     """unit = decoder rows renormalized to 1 after each step; in_sparsity = left free"""
     autocast_dtype: Literal["bfloat16", "float16"] | None = per_sae(None)
-    """run the SAE's forward under torch.autocast in this dtype (null = off)"""
+    """run the SAE's forward under torch.autocast in this dtype (null = off); float16 adds a GradScaler"""
+    compile: bool = per_sae(False)
+    """torch.compile the SAE's forward (fuses its elementwise work on a GPU; compiling costs ~a minute)"""
     checkpoint_every_tokens: int | None = None
     """save a resumable checkpoint every this many tokens (null = none)"""
     log_every_steps: int = 10

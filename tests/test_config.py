@@ -126,7 +126,7 @@ def test_per_sae_train_keys_are_marked_on_the_fields():
     assert per_sae_train_keys() == {
         "lr", "betas", "lr_schedule", "lr_warmup_steps", "lr_decay_steps", "clip_grad_norm", "l1_coefficient",
         "l1_warmup_steps", "sparsity_penalty", "tanh_stretch", "k_anneal_steps", "k_anneal_start", "aux_k",
-        "aux_k_coefficient", "dead_threshold_tokens", "decoder_norm", "autocast_dtype", "seed",
+        "aux_k_coefficient", "dead_threshold_tokens", "decoder_norm", "autocast_dtype", "compile", "seed",
     }
     # shared by every variant: one loader pass feeds them all
     assert not {"total_tokens", "out_dir", "sweep", "log_every_steps"} & per_sae_train_keys()

@@ -46,6 +46,7 @@ def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None) -> dict[
     root = Path(cfg.train.out_dir)
     variants = sweep_variants(cfg)
     saes = {name: _load_trained(root / name, variant) for name, variant in variants}
+    _say(f"{len(saes)} SAE(s) on {next(iter(saes.values())).W_dec.device} (sae.device: {cfg.sae.device})")
     means = _DatasetMeans(reader, cfg.loader.heldout_chunks)
     results: dict[str, dict] = {}
     for name, sae in saes.items():

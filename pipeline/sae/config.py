@@ -66,13 +66,14 @@ class SAEConfig(StrictModel):
     """JumpReLU: width of the threshold's pseudo-derivative kernel (normalized units)"""
     # topk: "sparse" = embedding_bag over the k kept latents, decoder and encoder gradient in
     # O(B*k*d_model); "dense" = (B, d_sae) @ W_dec with autograd; "auto" = sparse when
-    # top_k <= d_sae / 8, the measured break-even (bench/sae_step.py: 1.1x there, 3x at d_sae/96).
+    # top_k <= d_sae / 8, the break-even measured on the CPU (bench/sae_step.py: 1.1x there, 3x at
+    # d_sae/96; model.SPARSE_TOPK_MIN_RATIO holds it per device type).
     topk_decode: Literal["auto", "sparse", "dense"] = "auto"
     """topk decoder path: sparse (embedding_bag), dense (matmul), auto (sparse if top_k <= d_sae/8)"""
     dtype: torch.dtype = torch.float32
     """dtype of the SAE's parameters (float32, bfloat16, float16)"""
-    device: str = "cpu"
-    """device the SAE trains on: cpu, cuda, cuda:N or auto (cuda when available)"""
+    device: str = "auto"
+    """device the SAE trains on: auto (cuda when available, like model.device), cpu, cuda or cuda:N"""
 
     @field_validator("dtype", mode="before")
     @classmethod

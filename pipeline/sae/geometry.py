@@ -36,7 +36,7 @@ def geometric_median(
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"geometric_median needs a non-empty (n, d) tensor, got shape {tuple(x.shape)}")
     data = x.detach().to(_F64)
-    w = torch.ones(data.shape[0], dtype=_F64) if weights is None else weights.detach().to(_F64).flatten()
+    w = torch.ones(data.shape[0], dtype=_F64, device=data.device) if weights is None else weights.detach().to(data.device, _F64).flatten()
     if w.shape[0] != data.shape[0] or bool((w < 0).any()) or not float(w.sum()) > 0:
         raise ValueError("weights must be non-negative, one per row, and not all zero")
     estimate = data.median(dim=0).values if weights is None else (w @ data) / w.sum()
@@ -65,7 +65,7 @@ def geometric_median(
 
 def _distances(data: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     """Row-wise ||data_i - point|| computed block by block (exact, unlike the ||a||^2 expansion)."""
-    out = torch.empty(data.shape[0], dtype=_F64)
+    out = torch.empty(data.shape[0], dtype=_F64, device=data.device)
     for start in range(0, data.shape[0], _BLOCK_ROWS):
         block = data[start : start + _BLOCK_ROWS]
         out[start : start + block.shape[0]] = torch.linalg.vector_norm(block - point, dim=1)

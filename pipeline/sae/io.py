@@ -77,7 +77,7 @@ def load_sae(directory: str | Path, device: str | torch.device | None = None) ->
         cfg_data["device"] = str(device)
     cfg = SAEConfig.model_validate(cfg_data)
     sae = SparseAutoencoder(cfg)
-    sae.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(cfg.device)), strict=True)
+    sae.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(sae.W_enc.device)), strict=True)
     return sae.eval()
 
 

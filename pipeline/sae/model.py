@@ -28,12 +28,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import resolve_device
 from pipeline.sae.activation_fns import batch_topk_mask, heaviside_step, jumprelu, update_batchtopk_threshold
 from pipeline.sae.config import SAEConfig
-from pipeline.sae.sparse_topk import gathered_encoder_values, pre_activations_no_grad, sparse_decode, topk_indices
+from pipeline.sae.sparse_topk import (
+    gathered_encoder_values,
+    latent_counts,
+    pre_activations_no_grad,
+    sparse_decode,
+    topk_indices,
+)
 
 # Momentum of the running BatchTopK inference threshold (SAELens' topk_threshold_lr).
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.01
+# topk_decode "auto": the sparse path once d_sae >= ratio * k, per device type, as
+# `bench/sae_step.py --scan` measures the crossover (8 on the CPUs measured). No CUDA run is on
+# record yet, so other devices use the CPU's ratio until that bench has run on one.
+SPARSE_TOPK_MIN_RATIO = {"cpu": 8}
 _NORM_EPS = 1e-8
 
 
@@ -65,20 +76,21 @@ class SAEOutput:
         return (self.top_values.detach() != 0).sum(-1).to(torch.float32)
 
     def firing_counts(self) -> Tensor:
-        """(d_sae,) rows of the batch on which each latent fired, on the batch's device (int32
-        for dense activations: a column sum of a bool tensor into int64 is 4x slower on the CPU)."""
+        """(d_sae,) rows of the batch on which each latent fired, on the batch's device, without
+        a host sync (int32 for dense activations: a column sum of a bool tensor into int64 is 4x
+        slower on the CPU)."""
         if self.feature_acts is not None:
             return (self.feature_acts.detach() != 0).sum(0, dtype=torch.int32)
-        active = self.top_indices[self.top_values.detach() != 0]
-        return torch.bincount(active, minlength=self.hidden_pre.shape[-1])
+        return latent_counts(self.top_indices, self.hidden_pre.shape[-1], self.top_values.detach() != 0)
 
 
 class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.cfg = cfg
+        device = resolve_device(cfg.device)  # "auto" becomes the device it resolved to
+        self.cfg = cfg = cfg.model_copy(update={"device": str(device)})
         d_in, d_sae = cfg.d_model, cfg.d_sae
-        factory = {"dtype": cfg.dtype, "device": cfg.device}
+        factory = {"dtype": cfg.dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
@@ -94,7 +106,7 @@ class SparseAutoencoder(nn.Module):
             # sets it. Under Adam a log threshold moves ~threshold * lr per step (SAELens #494).
             self.log_threshold = nn.Parameter(torch.zeros(d_sae, **factory))
         # scalars stay float32 whatever the weights' dtype: bfloat16 keeps ~3 digits
-        scalar = {"dtype": torch.float32, "device": cfg.device}
+        scalar = {"dtype": torch.float32, "device": device}
         if cfg.act.threshold == "batchtopk_threshold":
             self.register_buffer("batchtopk_threshold", torch.zeros((), **scalar))
         self.register_buffer("norm_factor_in", torch.ones((), **scalar))
@@ -273,7 +285,8 @@ class SparseAutoencoder(nn.Module):
         """Whether forward takes the sparse TopK path (k: the k in effect, default top_k)."""
         if not self.cfg.act.row_top_k or self.cfg.topk_decode == "dense":
             return False
-        return self.cfg.topk_decode == "sparse" or (k or self.cfg.top_k) * 8 <= self.cfg.d_sae
+        ratio = SPARSE_TOPK_MIN_RATIO.get(self.W_enc.device.type, SPARSE_TOPK_MIN_RATIO["cpu"])
+        return self.cfg.topk_decode == "sparse" or (k or self.cfg.top_k) * ratio <= self.cfg.d_sae
 
     def forward(self, x: Tensor, k: int | None = None) -> tuple[Tensor, SAEOutput]:
         """Normalized x (B, d_model) -> (x_hat, SAEOutput). k overrides top_k (k schedules)."""

@@ -35,6 +35,8 @@ _ONEDNN: dict[str, bool | None] = {"usable": None}  # None: not checked yet
 
 
 def _onednn_applies(x: Tensor, W_enc: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # inductor cannot lower the op on unpacked weights; it picks its own GEMM
+        return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or W_enc.dtype != torch.float32 or x.dim() != 2:
         return False
     if _ONEDNN["usable"] is None:
@@ -53,6 +55,14 @@ def _onednn_matches_matmul() -> bool:
     except RuntimeError:
         return False
     return fast.shape == (64, 96) and torch.allclose(fast, x @ W + b, rtol=1e-4, atol=1e-4)
+
+
+def latent_counts(indices: Tensor, d_sae: int, present: Tensor | None = None) -> Tensor:
+    """(d_sae,) int64: how often each latent occurs in `indices` (where `present`, a bool tensor
+    of the same shape, is true). A scatter-add, not bincount: CUDA's bincount sizes its output
+    from the indices' max, a host sync in every training step."""
+    ones = torch.ones_like(indices) if present is None else present.to(indices.dtype)
+    return torch.zeros(d_sae, dtype=torch.int64, device=indices.device).scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
 
 
 def topk_indices(gate: Tensor, k: int) -> Tensor:
@@ -85,7 +95,7 @@ class _GatheredEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             order = torch.sort(flat_latents, stable=True).indices  # stable = radix sort: 3x faster
             rows = order // indices.shape[-1]
-            counts = torch.bincount(flat_latents, minlength=d_sae)
+            counts = latent_counts(flat_latents, d_sae)
             offsets = counts.cumsum(0) - counts
             grad_W_enc_t = F.embedding_bag(
                 rows, x.to(W_enc.dtype), offsets, mode="sum", per_sample_weights=flat_grad[order]

@@ -47,28 +47,51 @@ def aux_k_loss(
     decoder_weight: torch.Tensor,
     k_aux: int,
     values_at: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    sync_free: bool = False,
 ) -> torch.Tensor:
     """residual (B, d) detached; hidden_pre (B, d_sae); decoder_weight (d_sae, d).
 
     values_at(indices) -> relu(hidden_pre) at (B, k) indices, with gradient; default: gathered
     from hidden_pre by autograd, whose backward is a dense (B, d_sae) gradient and, through the
-    encoder, a dense matmul. The trainer's TopK sparse path passes pipeline.sparse_topk's
-    gathered encoder values instead: the same values and gradients in O(B * k * d_model)."""
+    encoder, a dense matmul. The trainer's TopK sparse path passes pipeline.sae.sparse_topk's
+    gathered encoder values instead: the same values and gradients in O(B * k * d_model).
+
+    sync_free: fixed shapes throughout (a top-k over hidden_pre with live latents masked out),
+    for accelerators, where the default's data-dependent shapes (which latents are dead) cost a
+    host sync every step. The CPU default instead selects among the dead columns only: the same
+    loss and gradients, 10x cheaper when few latents are dead."""
+    if sync_free:
+        return _aux_k_loss_fixed_shape(residual, hidden_pre, dead_mask, decoder_weight, k_aux, values_at)
     dead_latents = dead_mask.nonzero().squeeze(1)
     n_dead = dead_latents.numel()
     if n_dead == 0:
         return hidden_pre.new_zeros(())
     k = min(k_aux, n_dead)
     # top-k among the dead columns only: the same choice as a top-k over hidden_pre with live
-    # latents masked to -inf, without a (B, d_sae) masked copy and a top-k over all d_sae
-    # columns (10x cheaper when few latents are dead). Selection carries no gradient.
+    # latents masked to -inf. Selection carries no gradient.
     with torch.no_grad():
         positions = hidden_pre.index_select(-1, dead_latents).topk(k, dim=-1, sorted=False).indices
     indices = dead_latents[positions]
     values = values_at(indices) if values_at is not None else hidden_pre.gather(-1, indices).relu()
+    return min(n_dead / k_aux, 1.0) * _normalized_error(residual, indices, values, decoder_weight)
+
+
+def _aux_k_loss_fixed_shape(residual, hidden_pre, dead_mask, decoder_weight, k_aux, values_at) -> torch.Tensor:
+    k = min(k_aux, hidden_pre.shape[-1])
+    with torch.no_grad():
+        indices = hidden_pre.masked_fill(~dead_mask, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    values = values_at(indices) if values_at is not None else hidden_pre.gather(-1, indices).relu()
+    values = values * dead_mask[indices]  # fewer than k dead: the live latents picked add nothing
+    scale = (dead_mask.sum() / k_aux).clamp(max=1.0)  # 0 with no dead latent: the loss is 0
+    return scale * _normalized_error(residual, indices, values, decoder_weight)
+
+
+def _normalized_error(residual, indices, values, decoder_weight) -> torch.Tensor:
+    """||e - e_hat||^2 / ||e - mean(e)||^2 over the batch, e_hat = the latents' decoder rows
+    weighted by their values (no decoder bias)."""
     e_hat = torch.nn.functional.embedding_bag(
         indices, decoder_weight, per_sample_weights=values.to(decoder_weight.dtype), mode="sum"
     )
     variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-    scale = min(n_dead / k_aux, 1.0)
-    return scale * (residual - e_hat).pow(2).sum() / variance
+    return (residual - e_hat).pow(2).sum() / variance

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig, resolve_device, sweep_variants
+from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
 from pipeline.files import write_text_atomically
 from pipeline.sae.initialize import check_against_store, initialize_sae
 from pipeline.sae.io import export_saelens, save_sae
@@ -36,6 +36,8 @@ def train(cfg: ExperimentConfig) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories."""
     reader = open_store(cfg.generate.store, verify=cfg.loader.verify)
     variants = sweep_variants(cfg)
+    device = _one_device(variants)
+    _say(f"SAEs on {device} (sae.device: {cfg.sae.device}); store {reader.path}")
     hooks = _hooks_needed(variants)
     for _, variant_cfg in variants:
         check_against_store(variant_cfg.sae, {hook: reader.d(hook) for hook in reader.hooks})
@@ -47,7 +49,6 @@ def train(cfg: ExperimentConfig) -> list[Path]:
     for trainer in trainers:
         trainer.open_tracker()
 
-    device = trainers[0].sae.W_dec.device
     if device.type == "cpu":
         keep_large_blocks_in_heap()
     loader = ActivationLoader(
@@ -101,6 +102,19 @@ def open_store(path: str, *, verify: bool = True) -> StoreReader:
     return reader
 
 
+def _one_device(variants: list[tuple[str, ExperimentConfig]]) -> torch.device:
+    """The device every variant trains on: one loader feeds them all, so they must share it."""
+    devices = {name: resolve_device(variant.sae.device) for name, variant in variants}
+    if len(set(devices.values())) > 1:
+        raise ConfigError(f"sweep variants resolve to different devices {devices}; one loader feeds them all: "
+                          "give every variant the same sae.device")
+    return next(iter(devices.values()))
+
+
+def _say(message: str) -> None:
+    print(f"saeflow train: {message}", file=sys.stderr, flush=True)
+
+
 def _hooks_needed(variants: list[tuple[str, ExperimentConfig]]) -> list[str]:
     hooks: list[str] = []
     for _, variant in variants:
@@ -113,7 +127,7 @@ def _hooks_needed(variants: list[tuple[str, ExperimentConfig]]) -> list[str]:
 def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir: Path, total_steps: int) -> SAETrainer:
     """The trainer of one variant, its SAE initialized from the store (normalization factors
     from the recorded statistics, the initializer's sample from the training split)."""
-    sae_cfg = cfg.sae.model_copy(update={"device": str(resolve_device(cfg.sae.device))})
+    sae_cfg = cfg.sae
     hook_in, hook_out = sae_cfg.hook_point_in, sae_cfg.hook_point_out
     heldout = cfg.loader.heldout_chunks
     moments_in = store_moments(reader, hook_in, heldout_chunks=heldout, track_covariance=False)

@@ -36,7 +36,13 @@ class SAETrainer:
         # ~10 ms a step at d_sae 3072); same Adam, same state dict.
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                           fused=_fused_adam_supported(sae))
+        # fp16 autocast: the loss is scaled so that small fp16 gradients do not flush to zero, and
+        # the gradients are unscaled before the decoder projection and clipping (bf16 needs none)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype == "float16")
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+        # No host sync in a step on an accelerator (tests/train/test_sync.py): the CPU keeps
+        # AuxK's faster data-dependent selection, where a "sync" costs nothing.
+        self.sync_free = device.type != "cpu"
         # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
         self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
         self.step = 0
@@ -46,6 +52,8 @@ class SAETrainer:
         if cfg.train.decoder_norm == "unit":
             move_decoder_norms_into_encoder(sae)
             sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
+        # the same module and parameters, traced and compiled on first use (train.compile)
+        self.forward = torch.compile(sae) if cfg.train.compile else sae
         self.log_path = out_dir / "train_log.jsonl"
         self.checkpoint_dir = out_dir / "checkpoints"
         self.tracker = None
@@ -74,7 +82,7 @@ class SAETrainer:
             torch.autocast(x.device.type, dtype=TORCH_DTYPES[cfg.autocast_dtype]) if cfg.autocast_dtype else nullcontext()
         )
         with autocast:
-            x_hat, out = sae(x, k) if k is not None else sae(x)
+            x_hat, out = self.forward(x, k) if k is not None else self.forward(x)
         x_hat = x_hat.float()
         mse = reconstruction_loss(target, x_hat)
         terms = {"mse_loss": mse}
@@ -82,11 +90,13 @@ class SAETrainer:
         terms.update(self._aux_terms(x, target, x_hat, out))
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # without fp16 autocast: plain backward, step, no-ops
+        self.scaler.unscale_(self.optimizer)
         if cfg.decoder_norm == "unit":
             sae.remove_gradient_parallel_to_decoder_directions()
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad_norm or math.inf)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
         if cfg.decoder_norm == "unit":
             sae.set_decoder_norm_to_unit_norm()
 
@@ -123,7 +133,7 @@ class SAETrainer:
             # second dense (d_model x B x d_sae) encoder matmul through hidden_pre
             def values_at(indices):
                 return gathered_encoder_values(x, sae.W_enc, sae.b_enc, out.hidden_pre, indices)
-        aux = aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, cfg.aux_k, values_at)
+        aux = aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, cfg.aux_k, values_at, sync_free=self.sync_free)
         return {"aux_k_loss": cfg.aux_k_coefficient * aux}
 
     def dead_mask(self) -> torch.Tensor:
@@ -134,11 +144,12 @@ class SAETrainer:
 
     # --- logging ------------------------------------------------------------------------
     def _log(self, lr: float, k: int | None) -> None:
+        summary = self._window.summary()  # reads the device: the window's steps have finished
         now = time.perf_counter()
         record = {
             "step": self.step,
             "tokens": self.tokens,
-            **self._window.summary(),
+            **summary,
             "dead_fraction": float(self.dead_mask().float().mean()),
             "lr": lr,
             "tokens_per_second": self._window.rows / max(now - self._clock, 1e-9),
@@ -160,6 +171,7 @@ class SAETrainer:
             "loader_cursor": loader_cursor,
             "config": self.cfg.model_dump(mode="json"),
             "clock": None,
+            "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
         }
         return save_checkpoint(
             self.checkpoint_dir,
@@ -178,6 +190,8 @@ class SAETrainer:
                 "choose a new train.out_dir or delete that directory to start over"
             )
         self.tokens_since_fired = extras["tokens_since_fired"].to(self.sae.W_dec.device)
+        if info.get("grad_scaler"):
+            self.scaler.load_state_dict(info["grad_scaler"])
         self.step = int(info["step"])
         self.tokens = int(info["tokens"])
         self._truncate_log()

@@ -328,3 +328,12 @@ def test_sparse_path_pre_activations_equal_the_matmul_and_carry_no_graph(dtype):
     fast = pre_activations_no_grad(x, W, b)
     assert fast.grad_fn is None and fast.dtype == dtype
     assert torch.allclose(fast, x @ W + b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_sae_device_defaults_to_auto_and_resolves_once():
+    cfg = SAEConfig(hook_point_in="blocks.0.hook_resid_post", hook_point_out="blocks.0.hook_resid_post", d_model=16)
+    assert cfg.device == "auto"  # like model.device: generate and train land on the same device
+    sae = SparseAutoencoder(cfg)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert sae.W_enc.device.type == expected and sae.cfg.device == expected  # saved as resolved
+    assert all(t.device.type == expected for t in [*sae.parameters(), *sae.buffers()])

@@ -137,7 +137,8 @@ def test_train_and_evaluate_stop_in_one_line_and_touch_nothing_written(damaged, 
         assert metrics == json.loads((good["root"] / "run" / "metrics.json").read_text())
         return
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(damaged["store"]) in lines[0], result.stderr
+    lines = result.stderr.strip().splitlines()  # progress lines ("saeflow train: ..."), then the error
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and str(damaged["store"]) in errors[0] and "Traceback" not in result.stderr, result.stderr
     after = {path: path.read_bytes() for path in damaged["run"].rglob("*") if path.is_file()}
     assert {p: b for p, b in after.items() if p in damaged["written"]} == damaged["written"]

@@ -120,6 +120,26 @@ def test_decoder_rows_stay_unit_norm_and_bf16_autocast_runs_on_cpu(store, tmp_pa
     assert metrics["fvu"] < 1.5  # trained, not diverged
 
 
+def test_fp16_autocast_scales_the_loss_and_a_resume_restores_the_scale(store, tmp_path):
+    from pipeline.config import sweep_variants
+    from pipeline.train.stage import build_trainer, open_store
+
+    cfg = tiny_config(store, tmp_path, "train.autocast_dtype=float16", "train.total_tokens=2048",
+                      "train.checkpoint_every_tokens=1024")
+    run = train(cfg)[0]
+    assert json.loads((run / "train_metrics.json").read_text())["heldout"]["fvu"] < 1.5
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    saved = json.loads((checkpoint / "state.json").read_text())["grad_scaler"]
+    assert saved["scale"] > 1 and saved["growth_interval"] == 2000  # a live GradScaler was saved
+    trainer = build_trainer("sae", sweep_variants(cfg)[0][1], open_store(str(store)), tmp_path / "again", 8)
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 65536.0
+    trainer.restore(checkpoint)
+    assert trainer.scaler.state_dict() == saved
+    bf16 = build_trainer("sae", tiny_config(store, tmp_path, "train.autocast_dtype=bfloat16"), open_store(str(store)),
+                         tmp_path / "bf16", 8)
+    assert not bf16.scaler.is_enabled()  # bfloat16 has float32's range: no scaling
+
+
 def test_aux_k_loss_reaches_only_dead_latents():
     torch.manual_seed(0)
     hidden_pre = torch.randn(32, 16, requires_grad=True)
