@@ -7,8 +7,8 @@ K(u) = 1[|u| < 1/2] of width epsilon (the config's jumprelu_window):
     d z / d theta   := -(theta / epsilon) * K((h - theta) / epsilon)
     d H / d theta   := -(1 / epsilon)     * K((h - theta) / epsilon)     (the L0 penalty)
 and z passes gradient to h only where the latent is active (no STE on h). Only pre-activations
-within epsilon/2 of the threshold move it. lm_saes drops grad_output from the threshold's
-gradient; here it is multiplied in, as in the paper.
+within epsilon/2 of the threshold move it. grad_output is multiplied into the threshold's
+gradient, as in the paper (and lm_saes).
 """
 
 from __future__ import annotations

@@ -103,8 +103,10 @@ class SparseAutoencoder(nn.Module):
             self.b_enc_glu = nn.Parameter(torch.zeros(d_sae, **factory))
         if cfg.act.threshold == "log_threshold":
             # threshold = exp(log_threshold) stays positive (the paper's choice); initialize_sae
-            # sets it. Under Adam a log threshold moves ~threshold * lr per step (SAELens #494).
-            self.log_threshold = nn.Parameter(torch.zeros(d_sae, **factory))
+            # sets it. Under Adam a log threshold moves ~threshold * lr per step (SAELens #494):
+            # far below bfloat16's resolution near log(0.05), so it is float32 whatever the
+            # weights' dtype (in bf16 not one threshold moved in 20 steps), as in SAELens
+            self.log_threshold = nn.Parameter(torch.zeros(d_sae, dtype=torch.float32, device=device))
         # scalars stay float32 whatever the weights' dtype: bfloat16 keeps ~3 digits
         scalar = {"dtype": torch.float32, "device": device}
         if cfg.act.threshold == "batchtopk_threshold":

@@ -337,3 +337,24 @@ def test_the_sae_device_defaults_to_auto_and_resolves_once():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert sae.W_enc.device.type == expected and sae.cfg.device == expected  # saved as resolved
     assert all(t.device.type == expected for t in [*sae.parameters(), *sae.buffers()])
+
+
+def test_jumprelu_thresholds_train_in_a_bfloat16_sae():
+    cfg = SAEConfig(hook_point_in="blocks.0.hook_resid_post", hook_point_out="blocks.0.hook_resid_post", d_model=32,
+                    expansion_factor=4, act_fn="jumprelu", dtype=torch.bfloat16, device="cpu")
+    sae = SparseAutoencoder(cfg)
+    assert sae.log_threshold.dtype == torch.float32 and sae.W_enc.dtype == torch.bfloat16
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(0.5))
+    start = sae.log_threshold.detach().clone()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=4e-4)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(256, 32, generator=generator).to(torch.bfloat16)
+        x_hat, out = sae(x)
+        loss = (x_hat.float() - x.float()).pow(2).sum(-1).mean() + sae.l0_pseudo(out.hidden_pre).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = int((sae.log_threshold.detach() != start).sum())
+    assert moved > 0.9 * cfg.d_sae, f"{moved} of {cfg.d_sae} thresholds moved"
