@@ -12,7 +12,7 @@ All statistics are taken in the SAE's normalized space, in this order:
 4. decoder row norm: with grid_search_init_norm, a coarse geometric grid of 13 norms from 0.01
    to 10 (x1.78 steps), then 21 evenly spaced norms between best/1.78 and best*1.78; each
    candidate is scored by the reconstruction MSE of the complete initial SAE (encoder, b_enc
-   rule and activation included) on GRID_SEARCH_ROWS random rows of the sample. (lm_saes
+   rule and activation included) on the first GRID_SEARCH_ROWS rows of the sample. (lm_saes
    searched 0.1..1 until February 2026, which misses the optimum of small-k TopK SAEs, often
    > 1; it now searches linspace(0.1, 5.0, 50) and then a finer grid.) Otherwise
    init_decoder_norm (default 0.1).
@@ -92,8 +92,7 @@ def initialize_sae(
             centering_encoder_bias(sae, x) if init_cfg.init_encoder_bias_with_mean_hidden_pre else torch.zeros_like(sae.b_enc)
         )
         if init_cfg.grid_search_init_norm:
-            rows = grid_search_rows(x.shape[0], generator).to(x.device)
-            norm = grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x[rows], target[rows])
+            norm = grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x, target)
         else:
             norm = init_cfg.init_decoder_norm or DEFAULT_DECODER_NORM
         _apply_norm(sae, directions, unit_encoder, unit_b_enc, norm)
@@ -207,15 +206,10 @@ def reconstruction_mse(sae: SparseAutoencoder, x: Tensor, target: Tensor) -> flo
     return float((target - x_hat).double().pow(2).sum(-1).mean())
 
 
-def grid_search_rows(n: int, generator: torch.Generator) -> Tensor:
-    """GRID_SEARCH_ROWS random rows of an n-row sample, in order: the sample is concatenated
-    chunk by chunk, so its first rows would all be neighbouring tokens of one chunk."""
-    return torch.randperm(n, generator=generator)[:GRID_SEARCH_ROWS].sort().values
-
-
 @torch.no_grad()
 def grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x: Tensor, target: Tensor) -> float:
-    """Coarse-then-fine search of the decoder row norm (module docstring, step 4) on x, target."""
+    """Coarse-then-fine search of the decoder row norm (module docstring, step 4)."""
+    x, target = x[:GRID_SEARCH_ROWS], target[:GRID_SEARCH_ROWS]
 
     def best(norms: list[float]) -> float:
         losses = {}

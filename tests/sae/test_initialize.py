@@ -190,13 +190,3 @@ def test_check_against_store():
         check_against_store(sae_cfg(), {HOOK: 384})
     with pytest.raises(ConfigError, match="hook_point_in"):
         check_against_store(sae_cfg(), {MLP_OUT: D})
-
-
-def test_the_grid_search_scores_rows_from_the_whole_sample():
-    from pipeline.sae.initialize import GRID_SEARCH_ROWS, grid_search_rows
-
-    rows = grid_search_rows(40_000, torch.Generator().manual_seed(0))
-    assert len(rows) == len(set(rows.tolist())) == GRID_SEARCH_ROWS and bool((rows[1:] > rows[:-1]).all())
-    assert int(rows.max()) > 30_000 and int(rows.min()) < 10_000  # not the sample's first chunk
-    assert torch.equal(rows, grid_search_rows(40_000, torch.Generator().manual_seed(0)))
-    assert grid_search_rows(100, torch.Generator()).tolist() == list(range(100))  # a small sample: all of it
