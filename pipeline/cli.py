@@ -43,6 +43,7 @@ def _clear_errors(command):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="saeflow", message="saeflow %(version)s")
 def main():
     """saeflow: cache LM activations once, train many sparse autoencoders from them."""
 
@@ -58,6 +59,7 @@ def _on_config(command):
     def with_config(config, overrides, **options):
         return command(load_config(config, list(overrides)), **options)
 
+    with_config.__doc__ = f"{command.__doc__}\n\nEvery key of CONFIG, its default and meaning: saeflow config CONFIG."
     return with_config
 
 

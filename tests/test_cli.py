@@ -61,6 +61,17 @@ def test_train_saves_a_loadable_sae_that_reconstructs(tiny_run):
     assert abs(metrics["l0"] - 8) < 1e-6  # top_k = 8
     assert (run / "plots" / "feature_density.png").is_file()
     assert (run / "saelens" / "sae_weights.safetensors").is_file()
+    metadata = json.loads((run / "saelens" / "cfg.json").read_text())["metadata"]  # from the store's manifest
+    assert (metadata["model_name"], metadata["context_size"], metadata["prepend_bos"], metadata["dataset_path"]) == (
+        "random", 64, True, "python-docstrings")
+
+
+def test_version_and_help_point_to_the_config_keys():
+    from importlib.metadata import version
+
+    assert saeflow("--version", cwd=REPO).stdout.strip() == f"saeflow {version('saeflow')}"
+    for command in ("generate", "train", "evaluate"):
+        assert "saeflow config CONFIG" in saeflow(command, "--help", cwd=REPO).stdout
 
 
 def test_evaluate_writes_metrics_json(tiny_run):

@@ -81,8 +81,11 @@ def load_sae(directory: str | Path, device: str | torch.device | None = None) ->
     return sae.eval()
 
 
-def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name: str | None = None) -> Path:
-    """Write the SAELens 6 layout (cfg.json + sae_weights.safetensors) into directory."""
+def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name: str | None = None,
+                   provenance: dict | None = None) -> Path:
+    """Write the SAELens 6 layout (cfg.json + sae_weights.safetensors) into directory.
+    provenance: SAELens metadata keys known from the store (context_size, prepend_bos,
+    dataset_path), merged into cfg.json's metadata."""
     cfg = sae.cfg
     if cfg.use_glu_encoder:
         raise ValueError("SAELens has no GLU encoder; export an SAE trained with use_glu_encoder=False")
@@ -108,6 +111,7 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
         "hook_name": cfg.hook_point_in,
         "model_name": model_name,
         "exported_by": "saeflow",
+        **(provenance or {}),
     }
     if cfg.is_transcoder:
         metadata["hook_name_out"] = cfg.hook_point_out

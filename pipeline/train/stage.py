@@ -171,7 +171,11 @@ def _finish(trainer: SAETrainer, reader: StoreReader) -> Path:
     )
     metrics = write_heldout_report(trainer, loader)
     save_sae(sae, trainer.out_dir)
-    export_saelens(sae, trainer.out_dir / "saelens")
+    manifest = reader.manifest  # what SAELens users expect to know about the activations
+    export_saelens(sae, trainer.out_dir / "saelens", model_name=(manifest.get("model") or {}).get("name"), provenance={
+        "context_size": manifest.get("context_size"), "prepend_bos": manifest.get("prepend_bos"),
+        "dataset_path": (manifest.get("dataset") or {}).get("source"),
+    })
     write_text_atomically(trainer.out_dir / "train_metrics.json", json.dumps(metrics, indent=1))
     trainer.close_tracker(metrics["heldout"])
     return trainer.out_dir
