@@ -74,13 +74,17 @@ def generate(cfg, overwrite):
 
 
 @main.command()
+@click.option("--overwrite", is_flag=True, help="Replace a finished SAE of a different config in train.out_dir.")
 @_on_config
-def train(cfg):
+def train(cfg, overwrite):
     """Stage 2: train the SAE(s) of CONFIG from its store (resumes from a checkpoint)."""
     from pipeline.train.stage import train as train_saes
 
-    for directory in train_saes(cfg):
-        click.echo(f"trained: {directory}")
+    for directory in train_saes(cfg, overwrite=overwrite):
+        heldout = json.loads((directory / "train_metrics.json").read_text())["heldout"]
+        click.echo(f"trained: {directory}: held-out fvu {heldout['fvu']:.4f}, l0 {heldout['l0']:.1f}, "
+                   f"dead {heldout['dead_fraction']:.2%}, dense {heldout['dense_fraction']:.2%}")
+    click.echo(f"next: saeflow evaluate {click.get_current_context().params['config']}  (metrics.json, LM splice)")
 
 
 @main.command()

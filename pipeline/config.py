@@ -312,6 +312,16 @@ def per_sae_train_keys() -> frozenset[str]:
     return frozenset(name for name, field in TrainConfig.model_fields.items() if is_per_sae(field))
 
 
+def changed_keys(wanted: dict, recorded: dict) -> list[str]:
+    """Dotted keys whose value differs between two config dumps of {section: {key: value}}."""
+    return [
+        f"{section}.{key}"
+        for section in sorted(set(wanted) | set(recorded))
+        for key in sorted(set(wanted.get(section) or {}) | set(recorded.get(section) or {}))
+        if (wanted.get(section) or {}).get(key) != (recorded.get(section) or {}).get(key)
+    ]
+
+
 def sweep_variants(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
     """(name, config) per SAE variant; no sweep = one variant named "sae"."""
     if not cfg.train.sweep:

@@ -131,7 +131,7 @@ class StoreReader:
         array_path = _array_path(name)
         if (array_path, index) in self._verified:
             return
-        if chunk_checksum(rows, self.manifest["checksum_algorithm"]) != int(self._recorded(array_path)[index]):
+        if chunk_checksum(rows, self.manifest["checksum_algorithm"]) != int(self.recorded_checksums(array_path)[index]):
             raise self._damaged(array_path, index, CHECKSUM_MISMATCH)
         self._verified.add((array_path, index))
 
@@ -181,10 +181,16 @@ class StoreReader:
         start, stop = self.chunk_bounds(index)
         layout = self._layouts[array_path]
         zeros = np.zeros((stop - start, *layout.chunk_shape[1:]), dtype=layout.dtype)
-        if chunk_checksum(zeros, self.manifest["checksum_algorithm"]) != int(self._recorded(array_path)[index]):
+        if chunk_checksum(zeros, self.manifest["checksum_algorithm"]) != int(self.recorded_checksums(array_path)[index]):
             raise self._damaged(array_path, index, f"is missing ({file} does not exist)")
 
-    def _recorded(self, array_path: str) -> np.ndarray:
+    def identity(self) -> str:
+        """A digest of every committed chunk's recorded checksum: the same for stores that hold
+        the same bytes, wherever they live (no chunk is read)."""
+        sums = np.concatenate([self.recorded_checksums(path) for path in self.manifest.array_paths])
+        return f"{chunk_checksum(sums, self.manifest['checksum_algorithm']):016x}"
+
+    def recorded_checksums(self, array_path: str) -> np.ndarray:
         """The checksums the writer recorded for the committed chunks of `array_path`."""
         if array_path not in self._checksums:
             self._checksums[array_path] = np.asarray(self._array(checksum_path(array_path))[: self.n_chunks])

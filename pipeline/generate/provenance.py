@@ -17,7 +17,7 @@ from typing import Any
 
 import zarr
 
-from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig, changed_keys
 from pipeline.generate.lm import LanguageModel
 from pipeline.generate.text import dataset_fingerprint, describe_dataset
 from pipeline.generate.windows import WindowSpec
@@ -68,14 +68,7 @@ def _mismatch(path: Path, cfg: ExperimentConfig) -> str | None:
         manifest = read_manifest(path)
     except StoreError as error:
         return f"cannot be reused: {error}"
-    recorded = manifest.get("config", {})
-    wanted = data_config(cfg)
-    changed = [
-        f"{section}.{key}"
-        for section in wanted
-        for key in sorted(set(wanted[section]) | set(recorded.get(section, {})))
-        if wanted[section].get(key) != recorded.get(section, {}).get(key)
-    ]
+    changed = changed_keys(data_config(cfg), manifest.get("config", {}))
     if changed:
         return f"was made with a different config (changed: {', '.join(changed)})"
     fingerprint = dataset_fingerprint(cfg.dataset)

@@ -23,6 +23,7 @@ from pipeline.sae.initialize import check_against_store, initialize_sae
 from pipeline.sae.io import export_saelens, save_sae
 from pipeline.train.checkpoint import checkpoint_path, saved_steps
 from pipeline.train.report import write_heldout_report
+from pipeline.train.run_record import finish_record, finished_here, start_record
 from pipeline.train.trainer import SAETrainer
 from store.format import StoreError
 from store.loader import ActivationLoader
@@ -32,20 +33,29 @@ from store.sampling import sample_rows
 from store.split_moments import store_moments
 
 
-def train(cfg: ExperimentConfig) -> list[Path]:
-    """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories."""
+def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
+    """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories.
+    A variant whose folder holds its finished SAE is left alone; one holding a finished SAE of
+    another config is refused unless `overwrite` (run_record.py)."""
     reader = open_store(cfg.generate.store, verify=cfg.loader.verify)
-    variants = sweep_variants(cfg)
+    root = Path(cfg.train.out_dir)
+    everything = sweep_variants(cfg)
+    variants = [(name, variant) for name, variant in everything if not finished_here(root / name, variant, overwrite=overwrite)]
+    if not variants:
+        _say(f"{root}: every SAE of this config is trained already; nothing to do")
+        return [root / name for name, _ in everything]
     device = _one_device(variants)
     _say(f"SAEs on {device} (sae.device: {cfg.sae.device}); store {reader.path}")
     hooks = _hooks_needed(variants)
     for _, variant_cfg in variants:
         check_against_store(variant_cfg.sae, {hook: reader.d(hook) for hook in reader.hooks})
-    root = Path(cfg.train.out_dir)
     batch_size = cfg.loader.batch_size
     total_steps = max(cfg.train.total_tokens // batch_size, 1)
     trainers = [build_trainer(name, variant_cfg, reader, root / name, total_steps) for name, variant_cfg in variants]
     cursor, start_step = _resume(trainers)
+    if start_step:
+        _say(f"resuming from the checkpoints of step {start_step} of {total_steps}")
+    records = [start_record(trainer.out_dir, trainer.cfg, reader, start_step) for trainer in trainers]
     for trainer in trainers:
         trainer.open_tracker()
 
@@ -73,7 +83,10 @@ def train(cfg: ExperimentConfig) -> list[Path]:
             for trainer in trainers:
                 trainer.save(state)
     progress.close()
-    return [_finish(trainer, reader) for trainer in trainers]
+    for trainer, record in zip(trainers, records):
+        _finish(trainer, reader)
+        finish_record(trainer.out_dir, record)
+    return [root / name for name, _ in everything]
 
 
 def keep_large_blocks_in_heap() -> bool:

@@ -18,6 +18,7 @@ from pipeline.generate.stage import generate
 from pipeline.train.losses import aux_k_loss
 from pipeline.train.schedules import annealed_k, lr_multiplier
 from pipeline.train.stage import train
+from store.reader import StoreReader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,6 +98,9 @@ def test_resume_after_sigkill_is_bitwise_identical(store, tmp_path):
     assert kills >= 1, "training finished before it could be killed"
     result = subprocess.run(_train_command(resumed), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from the checkpoints of step " in result.stderr
+    record = json.loads((tmp_path / "resumed" / "sae" / "run.json").read_text())
+    assert record["resumed_from_step"] > 0 and record["finished"]
 
     a, b = weights(tmp_path / "straight" / "sae"), weights(tmp_path / "resumed" / "sae")
     assert a.keys() == b.keys()
@@ -104,6 +108,26 @@ def test_resume_after_sigkill_is_bitwise_identical(store, tmp_path):
         assert torch.equal(a[key], b[key]), key
     log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "sae" / "train_log.jsonl").read_text().splitlines()]
     assert log == sorted(set(log)), "a resumed log repeats or skips steps"
+
+
+def test_a_run_folder_records_its_provenance_and_is_never_silently_replaced(store, tmp_path, capfd):
+    from pipeline.config import ConfigError
+
+    cfg = tiny_config(store, tmp_path, "train.total_tokens=2048")
+    run = train(cfg)[0]
+    record = json.loads((run / "run.json").read_text())
+    assert validate_config(record["config"]) == cfg  # the provenance round-trips into the config
+    assert record["store"]["identity"] == StoreReader(store).identity() and record["finished"]
+    assert record["versions"]["saeflow"] != "unknown" and record["resumed_from_step"] == 0
+    written = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert train(cfg) == [run]  # the same config: nothing to do, nothing rewritten
+    assert "trained already; nothing to do" in capfd.readouterr().err
+    other = tiny_config(store, tmp_path, "train.total_tokens=2048", "sae.top_k=4")
+    with pytest.raises(ConfigError, match=r"finished SAE of a different config \(changed: sae.top_k\); pass --overwrite"):
+        train(other)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == written
+    train(other, overwrite=True)
+    assert json.loads((run / "run.json").read_text())["config"]["sae"]["top_k"] == 4
 
 
 def test_checkpoint_of_another_config_is_refused(store, tmp_path):

@@ -1,0 +1,88 @@
+"""What a run folder says about how its SAE was made: <train.out_dir>/<variant>/run.json.
+
+    {"config": every section of the variant's config after overrides, "store": path, creation
+     time, rows and an identity hash of its chunk checksums, "versions": saeflow, torch,
+     transformer-lens, zarr, "git_commit": of the working directory when it is a git checkout,
+     "started", "finished" (null until the SAE is saved), "resumed_from_step"}
+
+A folder that holds a finished SAE is never silently replaced: the same config has nothing left
+to do, another config is refused unless --overwrite says to start over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from pipeline.config import ConfigError, ExperimentConfig, changed_keys
+from pipeline.files import write_text_atomically
+from pipeline.sae.io import WEIGHTS_FILE
+from store.reader import StoreReader
+
+RUN_FILE = "run.json"
+
+
+def read_record(directory: Path) -> dict | None:
+    path = directory / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_here(directory: Path, cfg: ExperimentConfig, *, overwrite: bool) -> bool:
+    """True when `directory` holds the finished SAE of `cfg`. A finished SAE of another config
+    (or of an unknown one) is a ConfigError unless `overwrite`, which empties the folder."""
+    if not (directory / WEIGHTS_FILE).is_file():
+        return False  # nothing finished here: train, or resume from its checkpoints
+    record = read_record(directory) or {}
+    wanted = cfg.model_dump(mode="json")
+    if record.get("finished") and record.get("config") == wanted:
+        return True
+    if overwrite:
+        shutil.rmtree(directory)
+        return False
+    changed = changed_keys(wanted, record.get("config") or {}) if record.get("config") else ["no run.json"]
+    raise ConfigError(
+        f"{directory} holds a finished SAE of a different config (changed: {', '.join(changed[:6])}); "
+        "pass --overwrite to replace it, or choose another train.out_dir"
+    )
+
+
+def start_record(directory: Path, cfg: ExperimentConfig, reader: StoreReader, resumed_from_step: int) -> dict:
+    record = {
+        "config": cfg.model_dump(mode="json"),
+        "store": {"path": str(reader.path), "created": reader.manifest.get("created"), "n_rows": reader.n_rows,
+                  "identity": reader.identity()},
+        "versions": {name: _version(name) for name in ("saeflow", "torch", "transformer-lens", "zarr")},
+        "git_commit": _git_commit(),
+        "started": _now(),
+        "finished": None,
+        "resumed_from_step": resumed_from_step,
+    }
+    write_text_atomically(directory / RUN_FILE, json.dumps(record, indent=1))
+    return record
+
+
+def finish_record(directory: Path, record: dict) -> None:
+    write_text_atomically(directory / RUN_FILE, json.dumps({**record, "finished": _now()}, indent=1))
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
