@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.evaluate.sequences import EvalSequences
 from pipeline.generate.lm import LanguageModel
@@ -109,7 +110,7 @@ def lm_metrics(
     ablated = {(hook, kind): _Sums() for hook in out_hooks for kind in ("zero", "mean")}
     spliced = {name: _Sums() for name in saes}
     loss_mask = sequences.loss_mask
-    for start in range(0, len(sequences), batch_size):
+    for start in tqdm(range(0, len(sequences), batch_size), unit="batch", desc="evaluate LM splice", dynamic_ncols=True):
         tokens = sequences.tokens[start : start + batch_size].to(lm.device)
         mask = loss_mask[start : start + batch_size].to(lm.device)
         clean_losses, clean_log_probs = next_token_losses(_logits(lm, tokens, []), tokens)

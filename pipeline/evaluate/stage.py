@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
 from pipeline.evaluate.sequences import HELDOUT_TEXT, heldout_sequences
@@ -75,7 +76,10 @@ def activation_metrics(
         heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32, device=sae.W_dec.device,
         max_rows=cfg.evaluate.n_tokens,
     )
-    accumulated = heldout_metrics(sae, loader, dataset_mean_out, l0_histogram=True)
+    rows = sum(stop - start for start, stop in map(reader.chunk_bounds, reader.split_chunks("heldout", cfg.loader.heldout_chunks)))
+    batches = tqdm(loader, total=-(-min(rows, cfg.evaluate.n_tokens) // cfg.evaluate.batch_size), unit="batch",
+                   desc="evaluate", dynamic_ncols=True)
+    accumulated = heldout_metrics(sae, batches, dataset_mean_out, l0_histogram=True)
     histogram = {str(l0): count for l0, count in sorted(accumulated.l0_histogram().items())}
     return accumulated.result(), histogram
 

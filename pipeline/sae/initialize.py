@@ -27,6 +27,7 @@ All statistics are taken in the SAE's normalized space, in this order:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ def initialize_sae(
     x_out: Tensor | None = None,
     norm_factor_in: float | None = None,
     norm_factor_out: float | None = None,
+    say: Callable[[str], None] = lambda message: None,
 ) -> SparseAutoencoder:
     """An SAE initialized from a sample of raw activations x_in (n, d_model) and, for a
     transcoder, the matching rows x_out of hook_point_out. Norm factors: pass the store's
@@ -84,6 +86,7 @@ def initialize_sae(
         sae.W_dec.copy_(directions.to(sae.W_dec))
         sae.W_enc.copy_(encoder_directions.to(sae.W_enc))
         if sae_cfg.use_decoder_bias:
+            say(f"decoder bias: {init_cfg.bias_init_method} of {target.shape[0]} rows")
             sae.b_dec.copy_(decoder_bias(target, init_cfg.bias_init_method).to(sae.b_dec))
         if sae_cfg.act.threshold == "log_threshold":
             sae.log_threshold.fill_(init_cfg.init_log_jumprelu_threshold_value)
@@ -92,7 +95,9 @@ def initialize_sae(
             centering_encoder_bias(sae, x) if init_cfg.init_encoder_bias_with_mean_hidden_pre else torch.zeros_like(sae.b_enc)
         )
         if init_cfg.grid_search_init_norm:
+            say(f"decoder norm: grid search of {len(COARSE_NORMS) + FINE_STEPS} norms on {min(len(x), GRID_SEARCH_ROWS)} rows")
             norm = grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x, target)
+            say(f"decoder norm: {norm:.4g}")
         else:
             norm = init_cfg.init_decoder_norm or DEFAULT_DECODER_NORM
         _apply_norm(sae, directions, unit_encoder, unit_b_enc, norm)

@@ -150,9 +150,15 @@ def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir
     # Same seed for both hooks: sample_rows picks the same rows, so a transcoder's pairs align.
     def sample(hook: str) -> torch.Tensor:
         return sample_rows(reader, hook, cfg.initializer.n_samples, seed=cfg.initializer.seed, heldout_chunks=heldout)
+
+    def say(message: str) -> None:
+        _say(f"{name}: {message}")
+
+    say(f"sampling {cfg.initializer.n_samples} training rows for the initialization")
     x_in = sample(hook_in)
     x_out = sample(hook_out) if sae_cfg.is_transcoder else None
-    sae = initialize_sae(sae_cfg, cfg.initializer, x_in, x_out, norm_factor_in=factor_in, norm_factor_out=factor_out)
+    sae = initialize_sae(sae_cfg, cfg.initializer, x_in, x_out, norm_factor_in=factor_in, norm_factor_out=factor_out,
+                         say=say)
     out_dir.mkdir(parents=True, exist_ok=True)
     return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps)
 
