@@ -5,8 +5,10 @@
      transformer-lens, zarr, "git_commit": of the working directory when it is a git checkout,
      "started", "finished" (null until the SAE is saved), "resumed_from_step"}
 
-A folder that holds a finished SAE is never silently replaced: the same config has nothing left
-to do, another config is refused unless --overwrite says to start over.
+A folder that holds a finished SAE is never silently replaced: the same config on the same store
+has nothing left to do, another config or store is refused unless --overwrite says to start
+over. Where things live (generate.store, train.out_dir) is not part of a config's identity: a
+moved store or run folder is the same run; the store's identity is its checksums.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from pipeline.sae.io import WEIGHTS_FILE
 from store.reader import StoreReader
 
 RUN_FILE = "run.json"
+LOCATIONS = (("generate", "store"), ("train", "out_dir"))  # where, not what: never compared
+
+
+def _what(config: dict) -> dict:
+    """A config dump without the keys that say where things live."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for section, key in LOCATIONS:
+        (config.get(section) or {}).pop(key, None)
+    return config
 
 
 def read_record(directory: Path) -> dict | None:
@@ -31,19 +42,21 @@ def read_record(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def finished_here(directory: Path, cfg: ExperimentConfig, *, overwrite: bool) -> bool:
-    """True when `directory` holds the finished SAE of `cfg`. A finished SAE of another config
-    (or of an unknown one) is a ConfigError unless `overwrite`, which empties the folder."""
+def finished_here(directory: Path, cfg: ExperimentConfig, reader: StoreReader, *, overwrite: bool) -> bool:
+    """True when `directory` holds the finished SAE of `cfg` trained on this store. A finished
+    SAE of another config or store (or an unknown one) is a ConfigError unless `overwrite`,
+    which empties the folder."""
     if not (directory / WEIGHTS_FILE).is_file():
         return False  # nothing finished here: train, or resume from its checkpoints
     record = read_record(directory) or {}
-    wanted = cfg.model_dump(mode="json")
-    if record.get("finished") and record.get("config") == wanted:
+    changed = changed_keys(_what(cfg.model_dump(mode="json")), _what(record["config"])) if record.get("config") else ["no run.json"]
+    if (record.get("store") or {}).get("identity") != reader.identity():
+        changed.append("the store (its identity)")
+    if record.get("finished") and not changed:
         return True
     if overwrite:
         shutil.rmtree(directory)
         return False
-    changed = changed_keys(wanted, record.get("config") or {}) if record.get("config") else ["no run.json"]
     raise ConfigError(
         f"{directory} holds a finished SAE of a different config (changed: {', '.join(changed[:6])}); "
         "pass --overwrite to replace it, or choose another train.out_dir"

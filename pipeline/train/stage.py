@@ -40,7 +40,7 @@ def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
     reader = open_store(cfg.generate.store, verify=cfg.loader.verify)
     root = Path(cfg.train.out_dir)
     everything = sweep_variants(cfg)
-    variants = [(name, variant) for name, variant in everything if not finished_here(root / name, variant, overwrite=overwrite)]
+    variants = [(name, variant) for name, variant in everything if not finished_here(root / name, variant, reader, overwrite=overwrite)]
     if not variants:
         _say(f"{root}: every SAE of this config is trained already; nothing to do")
         return [root / name for name, _ in everything]

@@ -104,7 +104,12 @@ class SAETrainer:
         self.tokens_since_fired.add_(x.shape[0]).masked_fill_(counts > 0, 0)
         self.step += 1
         self.tokens += x.shape[0]
-        self._window.add(terms, loss, grad_norm, target, out, counts)
+        if sae.cfg.norm_activation == "token-wise":  # per-row factors do not cancel in FVU: raw units
+            with torch.no_grad():
+                reconstruction = sae.denormalize_output(x_hat.detach(), x_in)
+                self._window.add(terms, loss, grad_norm, x_out, out, counts, (x_out - reconstruction).pow(2).sum())
+        else:  # one factor for every row cancels: FVU in the normalized space is the raw one
+            self._window.add(terms, loss, grad_norm, target, out, counts)
         if self.step % cfg.log_every_steps == 0:
             self._log(multiplier * cfg.lr, k)
 
@@ -218,14 +223,16 @@ class _LogWindow:
     def rows(self) -> int:
         return self.metrics.rows
 
-    def add(self, terms, loss, grad_norm, target, out: SAEOutput, counts) -> None:
-        """counts: (d_sae,) rows of the batch each latent fired on (out.firing_counts())."""
+    def add(self, terms, loss, grad_norm, target, out: SAEOutput, counts, squared_error=None) -> None:
+        """counts: (d_sae,) rows of the batch each latent fired on (out.firing_counts());
+        squared_error: the batch's sum of ||target - x_hat||^2 when not mse_loss * rows."""
         with torch.no_grad():
             for key, value in {**terms, "loss": loss, "grad_norm": grad_norm}.items():
                 value = value.detach().double()
                 self.sums[key] = value if key not in self.sums else self.sums[key] + value
-        # mse_loss is the batch mean of ||target - x_hat||^2: its sum over rows is mse * B.
-        self.metrics.update(target, terms["mse_loss"].detach() * target.shape[0], out, counts)
+        if squared_error is None:  # mse_loss is the batch mean of ||target - x_hat||^2: its sum is mse * B
+            squared_error = terms["mse_loss"].detach() * target.shape[0]
+        self.metrics.update(target, squared_error, out, counts)
         self.steps += 1
 
     def summary(self) -> dict[str, float]:

@@ -43,17 +43,17 @@ class SyncGuard(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def trainer_for(act_fn: str, tmp_path, **train) -> SAETrainer:
+def trainer_for(act_fn: str, tmp_path, sae: dict | None = None, **train) -> SAETrainer:
     cfg = validate_config({
         "generate": {"store": str(tmp_path / "none.zarr"), "hook_points": [HOOK]},
         "sae": {"hook_point_in": HOOK, "hook_point_out": HOOK, "d_model": 32, "expansion_factor": 8,
-                "act_fn": act_fn, "top_k": 4, "device": "cuda" if torch.cuda.is_available() else "cpu"},
+                "act_fn": act_fn, "top_k": 4, "device": "cuda" if torch.cuda.is_available() else "cpu", **(sae or {})},
         "initializer": {"n_samples": 512, **({"init_log_jumprelu_threshold_value": -2.0} if act_fn == "jumprelu" else {})},
         "train": {"log_every_steps": 1000, "aux_k": 16, **train},
     })
-    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(0))
-    sae = initialize_sae(cfg.sae, cfg.initializer, x)
-    trainer = SAETrainer("sae", cfg, sae, tmp_path, x.mean(0).double(), total_steps=100)
+    x = 3 * torch.randn(512, 32, generator=torch.Generator().manual_seed(0)) + 1  # mean norm ~ 3 sqrt(d)
+    model = initialize_sae(cfg.sae, cfg.initializer, x)
+    trainer = SAETrainer("sae", cfg, model, tmp_path, x.mean(0).double(), total_steps=100)
     trainer.sync_free = True  # the accelerator path, on any device
     return trainer
 
@@ -115,3 +115,16 @@ def test_a_compiled_step_gives_the_eager_losses(tmp_path):
             trainer.train_step(x, x)
         losses[compiled] = float(trainer._window.sums["loss"]) / trainer._window.steps
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+@pytest.mark.parametrize("norm_activation", ["dataset-wise", "token-wise"])
+def test_the_training_log_fvu_is_the_held_out_fvu_of_the_same_rows(tmp_path, norm_activation):
+    from pipeline.sae.metrics import heldout_metrics
+
+    trainer = trainer_for("topk", tmp_path, sae={"norm_activation": norm_activation})
+    device = trainer.sae.W_dec.device
+    x = (3 * torch.randn(256, 32, generator=torch.Generator().manual_seed(7)) + 1).to(device)
+    raw_mean = trainer.dataset_mean.double().cpu() / float(trainer.sae.norm_factor_out)
+    expected = heldout_metrics(trainer.sae, [{HOOK: x}], raw_mean).result()["fvu"]  # before the step's update
+    trainer.train_step(x, x)
+    assert trainer._window.summary()["fvu"] == pytest.approx(expected, rel=1e-4)

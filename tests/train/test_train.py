@@ -1,6 +1,7 @@
 """Training on a real tiny store: sweeps in one pass, bitwise resume after SIGKILL, losses."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -121,6 +122,9 @@ def test_a_run_folder_records_its_provenance_and_is_never_silently_replaced(stor
     assert record["versions"]["saeflow"] != "unknown" and record["resumed_from_step"] == 0
     written = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
     assert train(cfg) == [run]  # the same config: nothing to do, nothing rewritten
+    assert "trained already; nothing to do" in capfd.readouterr().err
+    shutil.copytree(run.parent, tmp_path / "moved")  # where a run lives is not what it is
+    train(tiny_config(store, tmp_path / "moved", "train.total_tokens=2048"))
     assert "trained already; nothing to do" in capfd.readouterr().err
     other = tiny_config(store, tmp_path, "train.total_tokens=2048", "sae.top_k=4")
     with pytest.raises(ConfigError, match=r"finished SAE of a different config \(changed: sae.top_k\); pass --overwrite"):
