@@ -18,6 +18,7 @@ from typing import Any
 import zarr
 
 from pipeline.config import ConfigError, ExperimentConfig, changed_keys
+from pipeline.files import build_dir_atomically
 from pipeline.generate.lm import LanguageModel
 from pipeline.generate.text import dataset_fingerprint, describe_dataset
 from pipeline.generate.windows import WindowSpec
@@ -28,6 +29,8 @@ from store.writer import StoreWriter
 
 # generate keys that cannot change the stored bytes: a store may be moved or resumed with them changed.
 NOT_DATA_KEYS = ("store", "queue_chunks")
+# The tokenizer's own files, inside the store: a copied store decodes its tokens on any machine.
+TOKENIZER_DIR = "tokenizer"
 
 
 def data_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def create_writer(path: Path, cfg: ExperimentConfig, lm: LanguageModel, hook_dim
     itemsize = numpy_dtype(g.store_dtype).itemsize
     chunk_rows = g.chunk_rows or default_chunk_rows(max(hook_dims.values()), itemsize)
     model = lm.describe()
-    tokenizer = model.pop("tokenizer", None)
+    tokenizer = {**model.pop("tokenizer", {}), "files": TOKENIZER_DIR}
     provenance = {
         "saeflow_version": saeflow_version(),
         "model": model,
@@ -112,6 +115,22 @@ def create_writer(path: Path, cfg: ExperimentConfig, lm: LanguageModel, hook_dim
         lock=lock,
         stats_device=lm.device,
     )
+
+
+def save_store_tokenizer(path: Path, lm: LanguageModel) -> None:
+    """The tokenizer's files under <store>/tokenizer/ (once; a resume adds them if a crash came
+    between the store's creation and them)."""
+    build_dir_atomically(path / TOKENIZER_DIR, lambda directory: lm.tokenizer.save_pretrained(str(directory)))
+
+
+def load_store_tokenizer(path: str | Path) -> Any:
+    """The store's own tokenizer (a `tokenizers.Tokenizer`: decode(ids) gives the text of rows)."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / TOKENIZER_DIR / "tokenizer.json"
+    if not file.is_file():
+        raise StoreError(f"{file} does not exist: the store was written without its tokenizer; regenerate it")
+    return Tokenizer.from_file(str(file))
 
 
 def saeflow_version() -> str:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.generate.lm import LanguageModel, load_language_model
-from pipeline.generate.provenance import create_writer, existing_store
+from pipeline.generate.provenance import create_writer, existing_store, save_store_tokenizer
 from pipeline.generate.text import DatasetError, iter_documents
 from pipeline.generate.windows import Batch, WindowCursor, WindowSpec, encoded_documents, iter_batches, iter_windows
 from store.lock import StoreLock
@@ -78,6 +78,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
         else:
             writer = StoreWriter.open(path, queue_chunks=g.queue_chunks, lock=lock, stats_device=lm.device)
         with writer:
+            save_store_tokenizer(path, lm)
             return _write(cfg, lm, writer, _chain(first, batches), skip, resumed=manifest is not None)
 
 

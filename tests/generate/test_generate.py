@@ -296,3 +296,17 @@ def test_store_being_written_elsewhere_is_refused(tmp_path, corpus, lm):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_copied_store_decodes_its_own_tokens(tmp_path, reference, lm):
+    from pipeline.generate.provenance import load_store_tokenizer
+
+    copy = tmp_path / "elsewhere" / "store.zarr"
+    shutil.copytree(reference, copy)  # the tokenizer travels inside the store
+    assert read_manifest(copy)["tokenizer"]["files"] == "tokenizer"
+    tokenizer = load_store_tokenizer(copy)
+    reader = StoreReader(copy)
+    doc, pos, tokens = (np.asarray(reader.read_rows(name, 0, 200)) for name in ("doc", "pos", "tokens"))
+    first = tokens[(doc == doc[0]) & (pos >= 0)].tolist()
+    assert tokenizer.decode(first, skip_special_tokens=False) == lm.tokenizer.decode(first)
+    assert tokenizer.get_vocab_size() == len(lm.tokenizer)
