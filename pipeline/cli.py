@@ -65,12 +65,19 @@ def _on_config(command):
 
 @main.command()
 @click.option("--overwrite", is_flag=True, help="Replace a store made with a different config.")
+@click.option("--identity", "identity_file", type=click.Path(dir_okay=False),
+              help="Also write the store's identity (a digest of its chunk checksums) to this JSON file: it changes "
+                   "exactly when the store's content does, so dvc can depend on it instead of hashing the store.")
 @_on_config
-def generate(cfg, overwrite):
+def generate(cfg, overwrite, identity_file):
     """Stage 1: run the LM over the dataset and write hook activations to the store."""
+    from pipeline.generate.provenance import write_identity
     from pipeline.generate.stage import generate as generate_store
 
-    click.echo(f"store: {generate_store(cfg, overwrite=overwrite).path}")
+    path = generate_store(cfg, overwrite=overwrite).path
+    if identity_file:
+        write_identity(cfg.generate.location(), Path(identity_file))
+    click.echo(f"store: {path}")
 
 
 @main.command()
@@ -107,23 +114,25 @@ def show_config(cfg):
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")
 @_clear_errors
 def inspect(store):
-    """Print a store's manifest, sizes, hooks, tokens and statistics."""
+    """Print a store's manifest, sizes, hooks, tokens and statistics. STORE: a path or an
+    object-store URL (s3://bucket/name.zarr; credentials from the environment)."""
     from store.inspect import describe_store
 
-    click.echo(describe_store(Path(store)))
+    click.echo(describe_store(store))
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")
 @_clear_errors
 def validate(store):
-    """Recompute checksums and check shapes and counts; exit 1 if anything is wrong."""
+    """Recompute checksums and check shapes and counts; exit 1 if anything is wrong. STORE: a
+    path or an object-store URL."""
     from store.validate import validate_store
 
-    problems = validate_store(Path(store))
+    problems = validate_store(store)
     for problem in problems:
         click.echo(f"bad: {problem}", err=True)
     if problems:

@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 import torch
 
 from pipeline.sae.config import InitializerConfig, SAEConfig, StrictModel, check_sae_and_initializer
+from store.location import StoreLocation
 
 
 class ConfigError(ValueError):
@@ -78,7 +79,9 @@ class DatasetConfig(StrictModel):
 
 class GenerateConfig(StrictModel):
     store: str = "data/store.zarr"
-    """path of the activation store (zarr) that generate writes and train reads"""
+    """the activation store (zarr) that generate writes and train reads: a local path or an object-store URL (s3://bucket/name.zarr, gs://, az://; needs the s3 extra)"""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """obstore settings of a remote store (e.g. endpoint, region); credentials are best left to the environment (AWS_ACCESS_KEY_ID, ...). Never recorded in the store or the run"""
     hook_points: list[str] = Field(min_length=1)
     """LM hooks whose activations are stored, e.g. blocks.6.hook_resid_post"""
     context_size: int = 128
@@ -106,6 +109,10 @@ class GenerateConfig(StrictModel):
     seed: int = 0
     """torch seed set before the LM runs"""
 
+    def location(self) -> StoreLocation:
+        """Where the store lives, with this config's storage options."""
+        return StoreLocation(self.store, self.storage_options)
+
 
 class LoaderConfig(StrictModel):
     """store.loader.ActivationLoader settings (batches are a pure function of seed and position)."""
@@ -126,6 +133,8 @@ class LoaderConfig(StrictModel):
     """page-locked batches + non_blocking copies when training on CUDA"""
     verify: bool = True
     """check every chunk against its recorded checksum on first read; false skips it (not advised)"""
+    cache_dir: str | None = None
+    """local folder keeping the chunks of a remote store once fetched (keyed by checksum), for later epochs and runs; null = no cache"""
 
 
 class TrainConfig(StrictModel):
@@ -305,6 +314,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
 
 # Whole sections a sweep entry may change; of train only the per_sae fields.
 SWEEPABLE_SECTIONS = ("sae", "initializer")
+
+
+def recorded_config(cfg: ExperimentConfig) -> dict:
+    """The config as runs, checkpoints and trackers record it: storage options keep only their
+    keys, because they may hold credentials."""
+    config = cfg.model_dump(mode="json")
+    config["generate"]["storage_options"] = {key: "<not recorded>" for key in config["generate"]["storage_options"]}
+    return config
 
 
 def per_sae_train_keys() -> frozenset[str]:

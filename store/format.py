@@ -23,6 +23,8 @@ import numpy as np
 import zarr
 
 from store.dtypes import STORE_DTYPES
+from store.errors import ChunkError, StoreError  # noqa: F401 - re-exported: the store's errors
+from store.location import StoreLocation, locate
 
 FORMAT_NAME = "saeflow-activation-store"
 FORMAT_VERSION = 1
@@ -39,22 +41,6 @@ try:  # xxh3 hashes at memory speed; blake2b (stdlib) is the portable fallback
 except ImportError:  # pragma: no cover - xxhash is installed in the project's environment
     xxhash = None
     CHECKSUM_ALGORITHM = "blake2b_64"
-
-
-class StoreError(RuntimeError):
-    """A store problem, phrased as one line that names the problem and the fix."""
-
-
-class ChunkError(StoreError):
-    """One chunk of a store is damaged: missing, truncated, grown, undecodable or not matching
-    its recorded checksum."""
-
-    def __init__(self, store: Path, array_path: str, index: int, reason: str):
-        self.array_path, self.index, self.reason = array_path, index, reason
-        super().__init__(
-            f"store {store}: {array_path} chunk {index} {reason}; run `saeflow validate {store}`, "
-            "then regenerate the store or restore it from a copy"
-        )
 
 
 def now() -> str:
@@ -105,7 +91,7 @@ def _codecs(compressor: str | None):
 
 
 def create_store(
-    path: str | Path,
+    path: str | Path | StoreLocation,
     *,
     hook_dims: dict[str, int],
     store_dtype: str,
@@ -117,7 +103,7 @@ def create_store(
 ) -> zarr.Group:
     """Create the group and its arrays (sized to capacity) and write the initial manifest."""
     capacity = max(chunk_rows, math.ceil(capacity_rows / chunk_rows) * chunk_rows)
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group = zarr.open_group(store=locate(path).zarr_store(read_only=False), mode="w-", zarr_format=3)
     shard_rows = chunk_rows * shard_chunks if shard_chunks else None
     for hook, d in hook_dims.items():
         group.create_array(
@@ -232,22 +218,29 @@ def write_manifest(group: zarr.Group, manifest: dict[str, Any]) -> None:
     group.attrs.update({MANIFEST_KEY: dict(manifest)})
 
 
-def open_store_group(path: str | Path, mode: str = "r") -> zarr.Group:
+def open_store_group(path: str | Path | StoreLocation, mode: str = "r") -> zarr.Group:
     """The store's zarr group; unreadable group metadata is a StoreError naming the file."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path} is not an activation store (no zarr.json); run `saeflow generate` to create one")
+    location = locate(path)
+    metadata = f"{location}/zarr.json"
+    if location.local is not None:
+        if not location.local.exists():
+            raise StoreError(f"{location} does not exist; check the path, or run `saeflow generate` to create the store")
+        present = (location.local / "zarr.json").is_file()
+    else:
+        present = location.read("zarr.json") is not None
+    if not present:
+        raise StoreError(f"{location} is not an activation store (no zarr.json); run `saeflow generate` to create one")
     try:
-        return zarr.open_group(str(path), mode=mode)
+        return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise StoreError(
-            f"{path / 'zarr.json'} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}); the store's "
+            f"{metadata} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}); the store's "
             "metadata is damaged: restore the store from a copy or regenerate it"
         ) from None
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
+def read_manifest(path: str | Path | StoreLocation) -> Manifest:
+    path = locate(path)
     group = open_store_group(path)
     manifest = group.attrs.get(MANIFEST_KEY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

@@ -8,12 +8,13 @@ import numpy as np
 import zarr
 
 from store.format import TOKEN_ARRAYS, acts_path, open_store_group, read_manifest
+from store.location import StoreLocation, locate
 from store.integrity import layout_problems, manifest_problems
 from store.recorded_stats import moments_from_arrays, read_stats_arrays, stats_problems
 
 
-def describe_store(path: str | Path) -> str:
-    path = Path(path)
+def describe_store(path: str | Path | StoreLocation) -> str:
+    path = locate(path)
     manifest = read_manifest(path)
     group = open_store_group(path)
     problems = manifest_problems(manifest) or layout_problems(group, manifest)
@@ -29,14 +30,14 @@ def describe_store(path: str | Path) -> str:
         + (f", {manifest['shard_chunks']} chunks per shard" if manifest.get("shard_chunks") else "")
         + f", compressor {manifest.get('compressor') or 'none'}",
         f"written    created {manifest.get('created')}, updated {manifest.get('updated')}",
-        f"size       {_human(_disk_bytes(path))} on disk",
+        f"size       {_human(_stored_bytes(path))} {'stored' if path.remote else 'on disk'}",
     ]
     lines += _provenance(manifest)
     lines.append("hooks")
     for hook, info in manifest["hook_points"].items():
-        lines.append(f"  {hook}: d={info['d']} {info['dtype']}, {_human(_disk_bytes(path / acts_path(hook)))}")
+        lines.append(f"  {hook}: d={info['d']} {info['dtype']}, {_human(_stored_bytes(path, acts_path(hook)))}")
         lines.append(f"    {_stats_summary(group, manifest, hook)}")
-    lines.append(_token_summary(group, manifest))
+    lines.append(_token_summary(path, group, manifest))
     return "\n".join(lines)
 
 
@@ -75,17 +76,21 @@ def _stats_summary(group: zarr.Group, manifest: dict, hook: str) -> str:
     )
 
 
-def _token_summary(group: zarr.Group, manifest: dict) -> str:
+def _token_summary(path: StoreLocation, group: zarr.Group, manifest: dict) -> str:
     rows = int(manifest["n_rows"])
     if rows == 0:
         return "tokens     none committed yet"
     doc = group["doc"]
     first, last = int(doc[0]), int(doc[rows - 1])
-    tokens = f"{_human(sum(_disk_bytes(Path(group.store.root) / name) for name in TOKEN_ARRAYS))} of tokens/doc/pos"
+    tokens = f"{_human(sum(_stored_bytes(path, name) for name in TOKEN_ARRAYS))} of tokens/doc/pos"
     return f"tokens     {rows:,} rows from documents {first}..{last}; {tokens}"
 
 
-def _disk_bytes(path: Path) -> int:
+def _stored_bytes(location: StoreLocation, relative: str = "") -> int:
+    """Bytes stored under `relative` (a folder of the store, or the whole store)."""
+    if location.remote:
+        return sum(location.sizes(relative).values())
+    path = location.local / relative if relative else location.local
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -23,7 +23,7 @@ def lock_path(store: str | Path) -> Path:
     return store.with_name(store.name + ".lock")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +86,7 @@ class StoreLock:
         if pid == os.getpid():
             raise StoreError(f"store {self.store} is already being written by this process (lock {self.path})")
         # Stale: the pid is dead, or it is alive but no longer holds the flock (pid reused).
-        if (not isinstance(pid, int) or _pid_alive(pid)) and self._flock_held():
+        if (not isinstance(pid, int) or pid_alive(pid)) and self._flock_held():
             raise StoreError(
                 f"store {self.store} is being written by process {pid} on this host (lock {self.path}); "
                 "wait for it to finish or stop it, then rerun"

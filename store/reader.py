@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import zarr
 
+from store.chunk_cache import ChunkCache
 from store.dtypes import from_stored_numpy, numpy_dtype
 from store.format import TOKEN_ARRAYS, ChunkError, StoreError, acts_path, checksum_path, chunk_checksum, open_store_group, read_manifest
+from store.location import StoreLocation, locate
 from store.integrity import layout_problems, manifest_problems
 
 # An uncompressed shard ends with an index of (offset, nbytes) uint64 pairs per inner chunk,
@@ -48,8 +50,13 @@ class _ArrayLayout:
 
 
 class StoreReader:
-    def __init__(self, path: str | Path, *, verify: bool = True):
-        self.path = Path(path)
+    """Committed chunks of the store at `path` (a directory, a URL or a StoreLocation).
+
+    cache_dir: for a remote store, a local folder where fetched chunks are kept by checksum
+    (store/chunk_cache.py); ignored for a local store, which is read in place."""
+
+    def __init__(self, path: str | Path | StoreLocation, *, verify: bool = True, cache_dir: str | Path | None = None):
+        self.path = locate(path)
         self.manifest = read_manifest(self.path)
         self._group = open_store_group(self.path)
         problems = manifest_problems(self.manifest) or layout_problems(self._group, self.manifest)
@@ -58,6 +65,8 @@ class StoreReader:
         self.verify = verify
         self._verified: set[tuple[str, int]] = set()
         self._checksums: dict[str, np.ndarray] = {}
+        remote = self.path.remote
+        self._cache = ChunkCache(cache_dir, self.manifest["checksum_algorithm"]) if cache_dir and remote else None
 
     # --- shape of the store -------------------------------------------------------------
     @property
@@ -141,12 +150,17 @@ class StoreReader:
         before they start; only a read with verify sees a changed byte)."""
         for array_path, layout in self._layouts.items():
             files = range(self.n_chunks) if layout.per_shard is None else range(0, self.n_chunks, layout.per_shard)
+            listed = self.path.sizes(array_path) if self.path.remote else None  # one LIST, not a HEAD per chunk
             for index in files:
                 file = self._chunk_file(array_path, index)
-                if not file.is_file():
+                if listed is not None:
+                    size = listed.get(self._chunk_key(array_path, index))
+                else:
+                    size = file.stat().st_size if file.is_file() else None
+                if size is None:
                     self._check_fill_chunk(file, array_path, index)
                 elif layout.raw and layout.per_shard is None:
-                    self._check_raw_size(file, array_path, index, layout)
+                    self._check_raw_size(file, array_path, index, layout, size)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         stop = min(stop, self.n_rows)
@@ -169,11 +183,16 @@ class StoreReader:
             layouts[_array_path(name)] = _ArrayLayout(dtype, tuple(array.chunks), per_shard, raw)
         return layouts
 
-    def _chunk_file(self, array_path: str, index: int) -> Path:
-        """The file holding chunk `index`: its own chunk file, or its shard's."""
+    def _chunk_key(self, array_path: str, index: int) -> str:
+        """The key (path in the store) of the file holding chunk `index`: its own, or its shard's."""
         layout = self._layouts[array_path]
         key = index if layout.per_shard is None else index // layout.per_shard
-        return self.path / array_path / "c" / str(key) / ("0" if len(layout.chunk_shape) == 2 else "")
+        return f"{array_path}/c/{key}" + ("/0" if len(layout.chunk_shape) == 2 else "")
+
+    def _chunk_file(self, array_path: str, index: int) -> Path | str:
+        """Where chunk `index` lives, as messages name it: a local file, or the object's URL."""
+        key = self._chunk_key(array_path, index)
+        return self.path.local / key if self.path.local is not None else f"{self.path}/{key}"
 
     def _check_fill_chunk(self, file: Path, array_path: str, index: int) -> None:
         """A chunk without a file reads as zeros: fine only if zeros are what was committed (stores
@@ -197,6 +216,8 @@ class StoreReader:
         return self._checksums[array_path]
 
     def _read_chunk(self, array_path: str, index: int, start: int, stop: int) -> np.ndarray:
+        if self.path.remote:
+            return self._read_remote_chunk(array_path, index, start, stop)
         file = self._chunk_file(array_path, index)
         layout = self._layouts[array_path]
         if not file.is_file():  # never fill values in place of committed data
@@ -210,8 +231,38 @@ class StoreReader:
         except Exception as error:  # noqa: BLE001 - any codec failure means undecodable bytes
             raise self._damaged(array_path, index, f"cannot be decoded ({type(error).__name__}: {error})") from None
 
-    def _check_raw_size(self, file: Path, array_path: str, index: int, layout: _ArrayLayout) -> None:
-        size = file.stat().st_size
+    def _read_remote_chunk(self, array_path: str, index: int, start: int, stop: int) -> np.ndarray:
+        """A raw chunk is one GET of its object (or a hit in the local cache); shards and
+        compressed chunks are decoded by zarr through the ObjectStore."""
+        layout = self._layouts[array_path]
+        checksum = int(self.recorded_checksums(array_path)[index])
+        shape = (stop - start, *layout.chunk_shape[1:])
+        if self._cache is not None and (cached := self._cache.load(checksum, layout.dtype, shape)) is not None:
+            return cached
+        if layout.raw and layout.per_shard is None:
+            data = self.path.read(self._chunk_key(array_path, index))
+            if data is None:
+                self._check_fill_chunk(self._chunk_file(array_path, index), array_path, index)
+                return np.zeros(shape, dtype=layout.dtype)
+            self._check_raw_size(self._chunk_file(array_path, index), array_path, index, layout, len(data))
+            rows = np.frombuffer(data, dtype=layout.dtype).reshape(layout.chunk_shape)[: stop - start]
+        else:
+            if self.path.size(self._chunk_key(array_path, index)) is None:  # zarr would read fill values
+                self._check_fill_chunk(self._chunk_file(array_path, index), array_path, index)
+                return np.zeros(shape, dtype=layout.dtype)
+            try:
+                rows = self._array(array_path)[start:stop]
+            except StoreError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any codec failure means undecodable bytes
+                raise self._damaged(array_path, index, f"cannot be decoded ({type(error).__name__}: {error})") from None
+        if self._cache is not None:
+            self._cache.save(checksum, rows)  # only if the rows match their checksum
+        return rows
+
+    def _check_raw_size(self, file: Path | str, array_path: str, index: int, layout: _ArrayLayout,
+                        size: int | None = None) -> None:
+        size = Path(file).stat().st_size if size is None else size
         if size != layout.chunk_bytes:
             raise self._damaged(array_path, index, f"file {file} has {size} bytes, a chunk has {layout.chunk_bytes}")
 

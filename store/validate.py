@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from store.location import StoreLocation, locate
 from store.format import TOKEN_ARRAYS, ChunkError, checksum_path, data_array_paths, open_store_group, read_manifest, stats_path
 from store.integrity import layout_problems, manifest_problems
 from store.reader import CHECKSUM_MISMATCH, StoreReader
 from store.recorded_stats import STATS_ARRAYS, stats_problems
 
 
-def validate_store(path: str | Path) -> list[str]:
+def validate_store(path: str | Path | StoreLocation) -> list[str]:
     """Problems found in the store at `path`; raises StoreError if it is not a readable store."""
-    path = Path(path)
+    path = locate(path)
     manifest = read_manifest(path)
     group = open_store_group(path)
     problems = manifest_problems(manifest) or layout_problems(group, manifest)
@@ -31,7 +32,7 @@ def validate_store(path: str | Path) -> list[str]:
     return problems
 
 
-def _checksum_problems(path: Path) -> list[str]:
+def _checksum_problems(path: StoreLocation) -> list[str]:
     """Every chunk read as training reads it (verified), one line per unreadable chunk and one per
     array listing the chunks whose bytes no longer match their checksums."""
     reader = StoreReader(path)
@@ -53,7 +54,7 @@ def _checksum_problems(path: Path) -> list[str]:
     return problems
 
 
-def compare_stores(a: str | Path, b: str | Path, ignore: tuple[str, ...] = ("created", "updated")) -> list[str]:
+def compare_stores(a: str | Path | StoreLocation, b: str | Path | StoreLocation, ignore: tuple[str, ...] = ("created", "updated")) -> list[str]:
     """Differences between two stores' committed contents ([] = byte-identical data, checksums,
     statistics and manifests, apart from the manifest keys in `ignore`)."""
     first, second = read_manifest(a), read_manifest(b)

@@ -49,6 +49,8 @@ from store.format import (
     resize_rows,
     write_manifest,
 )
+from store.lease import RemoteLease, writer_lock
+from store.location import StoreLocation, locate
 from store.lock import StoreLock
 from store.recorded_stats import StatsRecorder
 
@@ -72,7 +74,7 @@ class _Chunk:
 class StoreWriter:
     """Append rows to a store; create() a new one or open() an incomplete one to resume it."""
 
-    def __init__(self, path: Path, lock: StoreLock, queue_chunks: int, stats_device: str | torch.device):
+    def __init__(self, path: StoreLocation, lock: StoreLock | RemoteLease, queue_chunks: int, stats_device: str | torch.device):
         self.path = path
         self._lock = lock
         self._group = open_store_group(path, mode="r+")
@@ -103,7 +105,7 @@ class StoreWriter:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | StoreLocation,
         *,
         hook_dims: dict[str, int],
         chunk_rows: int,
@@ -113,17 +115,17 @@ class StoreWriter:
         compressor: str | None = None,
         manifest: dict[str, Any] | None = None,
         queue_chunks: int = 4,
-        lock: StoreLock | None = None,
+        lock: StoreLock | RemoteLease | None = None,
         stats_device: str | torch.device = "cpu",
     ) -> StoreWriter:
         """Create a new store at `path` (which must not exist yet) and open it for writing.
 
         stats_device: where each chunk's d x d statistics are computed (the LM's GPU, if any);
         resume on the same kind of device for bit-identical statistics."""
-        path = Path(path)
+        path = locate(path)
 
-        def build(lock: StoreLock) -> StoreWriter:
-            if path.exists() and any(path.iterdir()):
+        def build(lock: StoreLock | RemoteLease) -> StoreWriter:
+            if not path.is_empty():
                 raise StoreError(f"{path} already exists; choose another store path or remove it")
             if chunk_rows <= 0 or (shard_chunks is not None and shard_chunks <= 0):
                 raise StoreError(f"chunk_rows ({chunk_rows}) and shard_chunks ({shard_chunks}) must be positive")
@@ -139,20 +141,21 @@ class StoreWriter:
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | Path | StoreLocation,
         *,
         queue_chunks: int = 4,
-        lock: StoreLock | None = None,
+        lock: StoreLock | RemoteLease | None = None,
         stats_device: str | torch.device = "cpu",
     ) -> StoreWriter:
         """Open an incomplete store to append after its last commit (resume)."""
-        path = Path(path)
+        path = locate(path)
 
-        def build(lock: StoreLock) -> StoreWriter:
+        def build(lock: StoreLock | RemoteLease) -> StoreWriter:
             manifest = read_manifest(path)
             if manifest["complete"]:
                 raise StoreError(f"{path} is complete ({manifest['n_rows']} rows); nothing can be appended to it")
-            for leftover in path.rglob("*.partial"):  # temp files of writes a crash interrupted
+            # temp files of writes a crash interrupted (an object store's puts are atomic: none there)
+            for leftover in path.local.rglob("*.partial") if path.local is not None else ():
                 leftover.unlink(missing_ok=True)
             return cls(path, lock, queue_chunks, stats_device)
 
@@ -337,17 +340,17 @@ class StoreWriter:
     def _describe_failure(self, error: BaseException, chunk: int) -> str:
         where = f"chunk {chunk} of {self.path}"
         kept = f"the store is consistent at {self.manifest.n_chunks} committed chunks ({self.manifest.n_rows} rows)"
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            free = shutil.disk_usage(self.path).free // 2**20
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC and self.path.local is not None:
+            free = shutil.disk_usage(self.path.local).free // 2**20
             return f"disk full while writing {where} ({free} MiB free); {kept}: free space and rerun to resume"
         if isinstance(error, OSError):
             return f"writing {where} failed ({error}); {kept}: fix the cause and rerun to resume"
         return f"the writer thread failed on {where}: {error!r}; {kept}"
 
 
-def _under_lock(path: Path, lock: StoreLock | None, build) -> StoreWriter:
+def _under_lock(path: StoreLocation, lock: StoreLock | RemoteLease | None, build) -> StoreWriter:
     """build(lock) with the store's lock held; a lock taken here is released if build fails."""
-    lock = lock or StoreLock(path)
+    lock = lock or writer_lock(path)
     owns_lock = not lock.held
     lock.acquire()
     try:

@@ -16,14 +16,14 @@ from pipeline.config import ExperimentConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO), **(env_extra or {})},
     )
 
 

@@ -40,7 +40,7 @@ def stages_run(output: str) -> set[str]:
 def test_dvc_vars_match_the_default_config():
     dvc_vars = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]
     config = yaml.safe_load((REPO / dvc_vars["config"]).read_text())
-    assert dvc_vars["store"] == config["generate"]["store"]
+    assert dvc_vars["store_identity"] == config["generate"]["store"].removesuffix(".zarr") + ".identity.json"
     assert dvc_vars["run"] == config["train"]["out_dir"]
 
 
@@ -57,7 +57,7 @@ def project(tmp_path_factory) -> Path:
             shutil.copy2(source, root / name)
     dvc_yaml = root / "dvc.yaml"
     replace_once(dvc_yaml, "config: configs/minilm-docstrings.yaml", "config: configs/tiny.yaml")
-    replace_once(dvc_yaml, "store: data/minilm-l3.zarr", "store: data/tiny.zarr")
+    replace_once(dvc_yaml, "store_identity: data/minilm-l3.identity.json", "store_identity: data/tiny.identity.json")
     replace_once(dvc_yaml, "run: results/minilm-docstrings", "run: results/tiny")
     replace_once(dvc_yaml, "top_k: [16, 32, 64]", "top_k: [4]")  # one sweep member keeps the test fast
     replace_once(dvc_yaml, "total_tokens: 131072", "total_tokens: 4096")
@@ -116,3 +116,22 @@ def test_code_edits_rerun_exactly_the_stages_that_run_the_code(project):
     assert changed == {"train", "evaluate", "sweep_train@4", "sweep_evaluate@4"}  # never generate
     append_comment(project / "store" / "reader.py")
     assert "generate" in set(json.loads(run("dvc", "status", "--json", cwd=project)))
+
+
+def test_train_follows_the_store_identity_not_the_store_directory(project):
+    if not (project / "dvc.lock").is_file():
+        pytest.fail("needs the pipeline built by test_repro_runs_everything_then_nothing")
+    run("dvc", "repro", cwd=project)
+    identity_file = project / "data" / "tiny.identity.json"
+    identity = json.loads(identity_file.read_text())
+    assert identity["complete"] and "zarr" not in (project / "dvc.lock").read_text().split("generate:")[1].split("train:")[0]
+
+    append_comment(project / "pipeline" / "generate" / "text.py")  # generate reruns and finds its store complete
+    ran = stages_run(run("dvc", "repro", cwd=project))
+    assert "generate" in ran and not ran & {"train", "sweep_train@4"}, ran
+    assert json.loads(identity_file.read_text()) == identity
+
+    replace_once(project / "configs" / "tiny.yaml", "n_ctx: 256, seed: 0}", "n_ctx: 256, seed: 1}")  # another model
+    ran = stages_run(run("dvc", "repro", cwd=project))
+    assert {"generate", "train", "evaluate", "sweep_train@4"} <= ran, ran
+    assert json.loads(identity_file.read_text())["identity"] != identity["identity"]

@@ -41,7 +41,7 @@ HISTOGRAM_FILE = "eval_l0_histogram.json"
 
 def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None) -> dict[str, dict]:
     """Evaluate every variant of cfg; `lm` reuses a loaded model (tests, notebooks)."""
-    reader = StoreReader(cfg.generate.store, verify=cfg.loader.verify)
+    reader = StoreReader(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir)
     reader.check_chunk_files()  # a deleted or cut chunk anywhere: the store needs repair first
     reader.split_chunks("heldout", cfg.loader.heldout_chunks)  # a StoreError naming the fix if there is none
     root = Path(cfg.train.out_dir)

@@ -1,7 +1,7 @@
 """What a store records about how it was made, and whether an existing store is this config's.
 
 A store's identity is the config sections that decide its bytes (data_config: model, dataset and
-generate settings, without the store path and queue size) plus the dataset's fingerprint. A store
+generate settings, without the store's address, storage options and queue size) plus the dataset's fingerprint. A store
 at the configured path with the same identity is resumed or reused; one with another identity is
 refused, or replaced with overwrite=True; anything else at that path is never touched.
 """
@@ -9,7 +9,8 @@ refused, or replaced with overwrite=True; anything else at that path is never to
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
+import json
+import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -18,19 +19,24 @@ from typing import Any
 import zarr
 
 from pipeline.config import ConfigError, ExperimentConfig, changed_keys
-from pipeline.files import build_dir_atomically
+from pipeline.files import build_dir_atomically, write_text_atomically
 from pipeline.generate.lm import LanguageModel
 from pipeline.generate.text import dataset_fingerprint, describe_dataset
 from pipeline.generate.windows import WindowSpec
 from store.dtypes import numpy_dtype
 from store.format import FORMAT_NAME, MANIFEST_KEY, StoreError, default_chunk_rows, read_manifest
+from store.lease import RemoteLease
+from store.location import StoreLocation, locate
 from store.lock import StoreLock
+from store.reader import StoreReader
 from store.writer import StoreWriter
 
 # generate keys that cannot change the stored bytes: a store may be moved or resumed with them changed.
-NOT_DATA_KEYS = ("store", "queue_chunks")
+# storage_options also hold credentials, which a store must never record.
+NOT_DATA_KEYS = ("store", "storage_options", "queue_chunks")
 # The tokenizer's own files, inside the store: a copied store decodes its tokens on any machine.
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def data_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -41,11 +47,9 @@ def data_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"model": cfg.model.model_dump(mode="json"), "dataset": cfg.dataset.model_dump(mode="json"), "generate": generate}
 
 
-def existing_store(path: Path, cfg: ExperimentConfig, overwrite: bool, say: Callable[[str], None]) -> dict | None:
+def existing_store(path: StoreLocation, cfg: ExperimentConfig, overwrite: bool, say: Callable[[str], None]) -> dict | None:
     """The manifest of a store at `path` made with this config; None if there is none (any more)."""
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file, not a store directory; choose another generate.store")
-    if not path.exists() or not any(path.iterdir()):
+    if path.is_empty():
         return None
     reason = _mismatch(path, cfg)
     if reason is None:
@@ -55,14 +59,16 @@ def existing_store(path: Path, cfg: ExperimentConfig, overwrite: bool, say: Call
     if not overwrite:
         raise ConfigError(f"store {path} {reason}; pass --overwrite to replace it, or choose another generate.store")
     say(f"replacing store {path} ({reason})")
-    shutil.rmtree(path)
+    path.remove()
     return None
 
 
-def _mismatch(path: Path, cfg: ExperimentConfig) -> str | None:
+def _mismatch(path: StoreLocation, cfg: ExperimentConfig) -> str | None:
     """Why the store at `path` cannot be continued or reused for `cfg` (None: it can)."""
     try:
-        attrs = zarr.open_group(str(path), mode="r").attrs.get(MANIFEST_KEY)
+        attrs = zarr.open_group(store=path.zarr_store(read_only=True), mode="r").attrs.get(MANIFEST_KEY)
+    except StoreError:
+        raise
     except Exception:  # not zarr at all
         attrs = None
     if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
@@ -80,8 +86,8 @@ def _mismatch(path: Path, cfg: ExperimentConfig) -> str | None:
     return None
 
 
-def create_writer(path: Path, cfg: ExperimentConfig, lm: LanguageModel, hook_dims: dict[str, int], spec: WindowSpec,
-                  lock: StoreLock) -> StoreWriter:
+def create_writer(path: StoreLocation, cfg: ExperimentConfig, lm: LanguageModel, hook_dims: dict[str, int], spec: WindowSpec,
+                  lock: StoreLock | RemoteLease) -> StoreWriter:
     """A writer of a new store at `path`, its manifest holding the provenance of `cfg` and `lm`."""
     g = cfg.generate
     itemsize = numpy_dtype(g.store_dtype).itemsize
@@ -117,20 +123,46 @@ def create_writer(path: Path, cfg: ExperimentConfig, lm: LanguageModel, hook_dim
     )
 
 
-def save_store_tokenizer(path: Path, lm: LanguageModel) -> None:
+def save_store_tokenizer(path: StoreLocation, lm: LanguageModel) -> None:
     """The tokenizer's files under <store>/tokenizer/ (once; a resume adds them if a crash came
     between the store's creation and them)."""
-    build_dir_atomically(path / TOKENIZER_DIR, lambda directory: lm.tokenizer.save_pretrained(str(directory)))
+    save = lambda directory: lm.tokenizer.save_pretrained(str(directory))  # noqa: E731
+    if path.local is not None:
+        build_dir_atomically(path.local / TOKENIZER_DIR, save)
+        return
+    if path.size(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}") is not None:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save(directory)
+        # tokenizer.json last: its presence means the folder is whole
+        for file in sorted(Path(directory).iterdir(), key=lambda file: file.name == TOKENIZER_FILE):
+            path.write(f"{TOKENIZER_DIR}/{file.name}", file.read_bytes())
 
 
-def load_store_tokenizer(path: str | Path) -> Any:
+def load_store_tokenizer(path: str | Path | StoreLocation) -> Any:
     """The store's own tokenizer (a `tokenizers.Tokenizer`: decode(ids) gives the text of rows)."""
     from tokenizers import Tokenizer
 
-    file = Path(path) / TOKENIZER_DIR / "tokenizer.json"
-    if not file.is_file():
-        raise StoreError(f"{file} does not exist: the store was written without its tokenizer; regenerate it")
-    return Tokenizer.from_file(str(file))
+    location = locate(path)
+    key = f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"
+    if location.local is not None:
+        file = location.local / key
+        data = file.read_bytes() if file.is_file() else None
+    else:
+        data = location.read(key)
+    if data is None:
+        raise StoreError(f"{location}/{key} does not exist: the store was written without its tokenizer; regenerate it")
+    return Tokenizer.from_str(data.decode())
+
+
+def write_identity(path: StoreLocation, file: Path) -> None:
+    """What the store holds, in a small JSON file (no timestamps): rewritten with the same bytes
+    when the store's content is the same, so a dvc stage depending on it reruns exactly when
+    the store changes (dvc never hashes the store itself, which may be remote or terabytes)."""
+    reader = StoreReader(path)
+    record = {"identity": reader.identity(), "n_rows": reader.n_rows, "n_chunks": reader.n_chunks,
+              "complete": bool(reader.manifest["complete"]), "hook_points": reader.manifest["hook_points"]}
+    write_text_atomically(file, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def saeflow_version() -> str:

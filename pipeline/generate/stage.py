@@ -33,7 +33,7 @@ from pipeline.generate.lm import LanguageModel, load_language_model
 from pipeline.generate.provenance import create_writer, existing_store, save_store_tokenizer
 from pipeline.generate.text import DatasetError, iter_documents
 from pipeline.generate.windows import Batch, WindowCursor, WindowSpec, encoded_documents, iter_batches, iter_windows
-from store.lock import StoreLock
+from store.lease import writer_lock
 from store.writer import StoreWriter
 
 # Test hook: seconds to sleep after each batch, so a test can SIGKILL a run between commits.
@@ -42,7 +42,7 @@ BATCH_DELAY_ENV = "SAEFLOW_GENERATE_BATCH_DELAY"
 
 @dataclass
 class GenerateResult:
-    path: Path
+    path: Path | str  # the store: a local directory, or the URL of a remote one
     n_rows: int  # rows in the store
     rows_written: int  # rows this call added
     tokens_forwarded: int  # positions run through the LM by this call (incl. dropped and padding)
@@ -55,12 +55,12 @@ class GenerateResult:
 def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageModel | None = None) -> GenerateResult:
     """Create, resume or confirm the store of `cfg`; `lm` reuses a loaded model (benchmarks, tests)."""
     g = cfg.generate
-    path = Path(g.store)
-    with StoreLock(path) as lock:  # before anything is read: a second writer fails fast
+    path = g.location()
+    with writer_lock(path) as lock:  # before anything is read: a second writer fails fast
         manifest = existing_store(path, cfg, overwrite, say=_say)
         if manifest is not None and manifest["complete"]:
             _say(f"store {path} is complete ({manifest['n_rows']} rows, same config); nothing to do")
-            return GenerateResult(path, manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
+            return GenerateResult(path.local or str(path), manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
         lm = lm or load_language_model(cfg.model)
         hook_dims, spec = check_model(lm, cfg)
         torch.manual_seed(g.seed)
@@ -127,7 +127,7 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
     ended = "target reached" if rows >= g.target_tokens else "data exhausted"
     stored = writer.manifest
     _say(f"store {writer.path}: {stored.n_rows} rows in {stored.n_chunks} chunks ({ended})")
-    return GenerateResult(writer.path, stored.n_rows, rows - rows_before, forwarded, seconds, forward_seconds, resumed, False)
+    return GenerateResult(writer.path.local or str(writer.path), stored.n_rows, rows - rows_before, forwarded, seconds, forward_seconds, resumed, False)
 
 
 def window_batches(cfg: ExperimentConfig, lm: LanguageModel, spec: WindowSpec, start: WindowCursor = WindowCursor(), first_batch: int = 0) -> Iterator[Batch]:

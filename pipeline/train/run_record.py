@@ -20,13 +20,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pipeline.config import ConfigError, ExperimentConfig, changed_keys
+from pipeline.config import ConfigError, ExperimentConfig, changed_keys, recorded_config
 from pipeline.files import write_text_atomically
 from pipeline.sae.io import WEIGHTS_FILE
 from store.reader import StoreReader
 
 RUN_FILE = "run.json"
-LOCATIONS = (("generate", "store"), ("train", "out_dir"))  # where, not what: never compared
+# Where things live and how they are reached, not what they are: never compared.
+LOCATIONS = (("generate", "store"), ("generate", "storage_options"), ("loader", "cache_dir"), ("train", "out_dir"))
 
 
 def _what(config: dict) -> dict:
@@ -65,7 +66,7 @@ def finished_here(directory: Path, cfg: ExperimentConfig, reader: StoreReader, *
 
 def start_record(directory: Path, cfg: ExperimentConfig, reader: StoreReader, resumed_from_step: int) -> dict:
     record = {
-        "config": cfg.model_dump(mode="json"),
+        "config": recorded_config(cfg),
         "store": {"path": str(reader.path), "created": reader.manifest.get("created"), "n_rows": reader.n_rows,
                   "identity": reader.identity()},
         "versions": {name: _version(name) for name in ("saeflow", "torch", "transformer-lens", "zarr")},

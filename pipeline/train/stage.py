@@ -27,6 +27,7 @@ from pipeline.train.run_record import finish_record, finished_here, start_record
 from pipeline.train.trainer import SAETrainer
 from store.format import StoreError
 from store.loader import ActivationLoader
+from store.location import StoreLocation
 from store.moments import norm_scale_factor
 from store.reader import StoreReader
 from store.sampling import sample_rows
@@ -37,7 +38,7 @@ def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories.
     A variant whose folder holds its finished SAE is left alone; one holding a finished SAE of
     another config is refused unless `overwrite` (run_record.py)."""
-    reader = open_store(cfg.generate.store, verify=cfg.loader.verify)
+    reader = open_store(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir)
     root = Path(cfg.train.out_dir)
     everything = sweep_variants(cfg)
     variants = [(name, variant) for name, variant in everything if not finished_here(root / name, variant, reader, overwrite=overwrite)]
@@ -107,8 +108,8 @@ def keep_large_blocks_in_heap() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def open_store(path: str, *, verify: bool = True) -> StoreReader:
-    reader = StoreReader(path, verify=verify)
+def open_store(path: str | StoreLocation, *, verify: bool = True, cache_dir: str | None = None) -> StoreReader:
+    reader = StoreReader(path, verify=verify, cache_dir=cache_dir)
     reader.check_chunk_files()
     if reader.n_chunks == 0:
         raise StoreError(f"store {path} has no committed rows; run `saeflow generate` first")

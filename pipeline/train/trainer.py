@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig, recorded_config
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
 from pipeline.sae.sparse_topk import gathered_encoder_values
@@ -61,7 +61,7 @@ class SAETrainer:
     def open_tracker(self) -> None:
         """Start train.logger's tracker (after any resume, so it knows the step to continue at)."""
         self.tracker = open_tracker(self.train_cfg.logger, self.out_dir, self.name,
-                                    self.cfg.model_dump(mode="json"), resume_step=self.step)
+                                    recorded_config(self.cfg), resume_step=self.step)
 
     def close_tracker(self, heldout_metrics: dict) -> None:
         if self.tracker is not None:
@@ -174,7 +174,7 @@ class SAETrainer:
         info = {
             "tokens": self.tokens,
             "loader_cursor": loader_cursor,
-            "config": self.cfg.model_dump(mode="json"),
+            "config": recorded_config(self.cfg),
             "clock": None,
             "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
         }
@@ -189,7 +189,7 @@ class SAETrainer:
 
     def restore(self, checkpoint: Path) -> dict:
         extras, info = load_checkpoint(checkpoint, model=self.sae, optimizer=self.optimizer, device=self.sae.W_dec.device)
-        if info["config"] != self.cfg.model_dump(mode="json"):
+        if info["config"] != recorded_config(self.cfg):
             raise ConfigError(
                 f"{self.out_dir} holds a checkpoint of a different config; "
                 "choose a new train.out_dir or delete that directory to start over"

@@ -1,0 +1,115 @@
+"""Loader throughput from a store on S3 (a local SeaweedFS server) against the same store on local disk.
+
+Builds a store of random fp16 rows (d=768, 12.6 MB chunks; bench/loader_throughput.py's), copies
+its files as objects into a bucket of a SeaweedFS server started here (tests/s3_server.py), then
+times one shuffled float16 loader epoch (verified reads, as training does) from:
+- local, cold (page cache dropped per chunk file) and warm;
+- s3, no cache: every chunk fetched over HTTP by the loader's reader threads;
+- s3 with loader.cache_dir, first epoch (fetch + write the cache) and second epoch (the cache);
+- raw concurrent GETs of the chunk objects by obstore and, when installed, s3fs.
+The server shares this machine's cores with the loader, so the s3 figures are a lower bound of
+what a separate object store gives. Ratios printed: s3/local cold, and cached/local warm (goal:
+the cache makes the second epoch read at local speed, >= 0.9).
+
+    .venv/bin/python bench/remote_read.py [--rows N] [--workers K] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loader_throughput import CHUNK_ROWS, D, HOOK, build_store, chunk_files, drop_cache, timed  # noqa: E402
+
+from store.loader import ActivationLoader  # noqa: E402
+from store.location import StoreLocation  # noqa: E402
+from store.reader import StoreReader  # noqa: E402
+from tests.s3_server import start_s3_server, stop_s3_server  # noqa: E402
+
+
+def upload(local: Path, location: StoreLocation) -> None:
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            location.write(file.relative_to(local).as_posix(), file.read_bytes())
+
+
+def epoch(store, n_rows: int, workers: int, cache_dir: Path | None = None) -> int:
+    reader = StoreReader(store, cache_dir=cache_dir)
+    loader = ActivationLoader(reader, HOOK, batch_size=4096, heldout_chunks=0, shuffle_buffer_chunks=8,
+                              num_workers=workers, dtype=torch.float16, max_rows=n_rows, seed=0)
+    return sum(batch[HOOK].shape[0] for batch in loader) * D * 2
+
+
+def client_read(location: StoreLocation, keys: list[str], workers: int, client: str) -> int:
+    """Raw GETs of the chunk objects by obstore (what saeflow uses) or s3fs (the fsspec client)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if client == "obstore":
+        import obstore
+
+        store = location._bucket
+        fetch = lambda key: len(obstore.get(store, location.key(key)).bytes())  # noqa: E731
+    else:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        fetch = lambda key: len(fs.cat_file(f"{location.bucket}/{location.key(key)}"))  # noqa: E731
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(fetch, keys))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32 * CHUNK_ROWS, help="rows of the store (default 0.4 GB)")
+    parser.add_argument("--workers", type=int, default=4, help="loader reader threads (concurrent fetches)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each is kept")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        tmp = Path(tmp)
+        local = tmp / "bench.zarr"
+        build_store(local, args.rows)
+        server = start_s3_server(tmp / "s3")
+        try:
+            os.environ.update(server.env)
+            url = f"s3://{server.new_bucket()}/bench.zarr"
+            upload(local, StoreLocation(url))
+            files = chunk_files(local)
+            print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; store {args.rows} rows x {D} fp16 = "
+                  f"{args.rows * D * 2 / 1e9:.2f} GB in {len(files)} chunks; {args.workers} reader threads")
+            best: dict[str, float] = {}
+
+            def record(key: str, label: str, run) -> None:
+                best[key] = max(best.get(key, 0.0), timed(label, run))
+
+            for round_ in range(args.repeats):
+                drop_cache(files)
+                record("local_cold", "local, cold", lambda: epoch(local, args.rows, args.workers))
+                record("local_warm", "local, warm", lambda: epoch(local, args.rows, args.workers))
+                record("s3", "s3, no cache", lambda: epoch(url, args.rows, args.workers))
+                cache = tmp / f"cache{round_}"
+                record("s3_fill", "s3, cache_dir first epoch", lambda: epoch(url, args.rows, args.workers, cache))
+                record("s3_cached", "s3, cache_dir second epoch", lambda: epoch(url, args.rows, args.workers, cache))
+                keys = [file.relative_to(local).as_posix() for file in files]
+                record("get_obstore", "raw GETs, obstore", lambda: client_read(StoreLocation(url), keys, args.workers, "obstore"))
+                if importlib.util.find_spec("s3fs"):
+                    record("get_s3fs", "raw GETs, s3fs", lambda: client_read(StoreLocation(url), keys, args.workers, "s3fs"))
+        finally:
+            stop_s3_server(server)
+        if "get_s3fs" in best:
+            print(f"raw GETs obstore / s3fs: {best['get_obstore'] / best['get_s3fs']:.2f} (why saeflow reads through obstore)")
+        print(f"s3 (no cache) / local cold: {best['s3'] / best['local_cold']:.2f}")
+        print(f"s3 first epoch with cache_dir / local cold: {best['s3_fill'] / best['local_cold']:.2f}")
+        print(f"s3 second epoch from cache_dir / local warm: {best['s3_cached'] / best['local_warm']:.2f} (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""A local disk cache of a remote store's chunks (`loader.cache_dir`), keyed by chunk checksum.
+
+A cached chunk is the raw bytes of its committed rows in a file named after the checksum the
+writer recorded for them (and their dtype and shape), so the second epoch, the next sweep and
+every other store holding the same chunk read it from local disk. Only rows that match their
+recorded checksum are ever saved, and a cached file is checked again when it is loaded (a file
+damaged on disk is dropped and the chunk fetched anew): a stale or damaged cache can never feed
+wrong rows. Files are written to a temporary name and renamed, so concurrent readers and
+processes sharing the folder see whole files or none. Nothing is evicted: delete the folder to
+reclaim the space.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from store.format import chunk_checksum
+
+
+class ChunkCache:
+    def __init__(self, directory: str | Path, algorithm: str):
+        self.directory = Path(directory).expanduser()
+        self.algorithm = algorithm
+
+    def _file(self, checksum: int, dtype: np.dtype, shape: tuple[int, ...]) -> Path:
+        name = f"{checksum:016x}-{dtype.str.replace('<', 'le-').replace('>', 'be-')}-{'x'.join(map(str, shape))}.bin"
+        return self.directory / self.algorithm / name[:2] / name
+
+    def load(self, checksum: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The cached rows (a read-only memmap), or None if absent or not matching `checksum`."""
+        file = self._file(checksum, dtype, shape)
+        expected = int(np.prod(shape)) * dtype.itemsize
+        try:
+            if file.stat().st_size != expected:
+                raise ValueError
+            rows = np.memmap(file, dtype=dtype, mode="r", shape=shape) if expected else np.zeros(shape, dtype)
+            if chunk_checksum(rows, self.algorithm) != checksum:
+                raise ValueError
+            return rows
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            file.unlink(missing_ok=True)
+            return None
+
+    def save(self, checksum: int, rows: np.ndarray) -> None:
+        """Keep `rows` if they match `checksum` (never cache bytes that are not the committed ones)."""
+        rows = np.ascontiguousarray(rows)
+        if chunk_checksum(rows, self.algorithm) != checksum:
+            return
+        file = self._file(checksum, rows.dtype, rows.shape)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=file.parent, prefix=".", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(memoryview(rows).cast("B"))
+            os.replace(temporary, file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise

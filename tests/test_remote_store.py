@@ -1,0 +1,148 @@
+"""Stores on object storage, against a real S3 server (SeaweedFS, started by the `s3` fixture):
+generate into s3://, validate, inspect, train from it (bitwise the run on a local store), resume
+a killed generate, catch a flipped byte, refuse a second writer, and one clear line for a missing
+bucket or wrong credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from store.chunk_cache import ChunkCache
+from store.location import StoreLocation
+from store.validate import compare_stores
+from tests.test_cli import REPO, run_saeflow, saeflow
+
+SMALL = ["--set", "generate.target_tokens=4096", "--set", "train.total_tokens=8192", "--set", "loader.heldout_chunks=1"]
+
+
+def last_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("remote")
+    (work / "tiny.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text())
+    return work
+
+
+@pytest.fixture(scope="module")
+def local_run(work) -> Path:
+    """The reference: the same config on a local store."""
+    saeflow("generate", "tiny.yaml", *SMALL, cwd=work)
+    saeflow("train", "tiny.yaml", *SMALL, cwd=work)
+    return work
+
+
+@pytest.fixture(scope="module")
+def remote_store(s3, local_run) -> str:
+    url = f"s3://{s3.new_bucket()}/stores/tiny.zarr"
+    saeflow("generate", "tiny.yaml", *SMALL, "--set", f"generate.store={url}", cwd=local_run)
+    return url
+
+
+def test_a_store_on_s3_validates_inspects_and_equals_the_local_store(local_run, remote_store):
+    assert saeflow("validate", remote_store, cwd=local_run).stdout.strip() == f"ok: {remote_store}"
+    text = saeflow("inspect", remote_store, cwd=local_run).stdout
+    assert f"store      {remote_store}  (complete)" in text and " stored" in text
+    assert compare_stores(local_run / "data" / "tiny.zarr", remote_store) == []
+    assert StoreLocation(remote_store).size("tokenizer/tokenizer.json")  # the store decodes its own tokens
+    assert not StoreLocation(remote_store).sibling(".lock").read("")  # the lease is released
+
+
+def test_training_from_s3_equals_training_from_the_local_store(local_run, remote_store, tmp_path):
+    local = (local_run / "results" / "tiny" / "sae" / "sae.safetensors").read_bytes()
+    cache = tmp_path / "cache"
+    for out in ("cold", "cached"):  # the second run reads every chunk from the local cache
+        saeflow("train", "tiny.yaml", *SMALL, "--set", f"generate.store={remote_store}", "--set", f"loader.cache_dir={cache}",
+                "--set", f"train.out_dir={tmp_path / out}", cwd=local_run)
+        assert (tmp_path / out / "sae" / "sae.safetensors").read_bytes() == local, out
+        cached = sorted(cache.rglob("*.bin"))
+        assert len(cached) == 8  # every chunk of its one hook: 7 to train, 1 held out for the final metrics
+    record = json.loads((tmp_path / "cold" / "sae" / "run.json").read_text())
+    assert record["store"]["path"] == remote_store
+
+
+def test_a_killed_remote_generate_resumes_to_the_same_store(s3, local_run, tmp_path):
+    url = f"s3://{s3.new_bucket()}/killed.zarr"
+    args = ("generate", "tiny.yaml", *SMALL, "--set", f"generate.store={url}")
+    killed = run_saeflow(*args, cwd=local_run, env_extra={"SAEFLOW_KILL_AT": "manifest_written:3"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    location = StoreLocation(url)
+    lease = json.loads(location.sibling(".lock").read(""))
+    assert lease["host"] == socket.gethostname()  # left behind by the killed writer: stale, taken over
+    saeflow(*args, cwd=local_run)
+    assert compare_stores(local_run / "data" / "tiny.zarr", url) == []
+
+    key = "acts/blocks.0.hook_resid_post/c/1/0"
+    data = bytearray(location.read(key))
+    data[100] ^= 0x40
+    location.write(key, bytes(data))
+    result = run_saeflow("validate", url, cwd=local_run)
+    assert result.returncode == 1
+    assert "acts/blocks.0.hook_resid_post: checksum mismatch in chunk(s) 1 of 8" in result.stderr
+
+
+def test_a_second_writer_is_refused_while_the_lease_is_held(s3, local_run):
+    url = f"s3://{s3.new_bucket()}/leased.zarr"
+    lease = StoreLocation(url).sibling(".lock")
+    args = ("generate", "tiny.yaml", *SMALL, "--set", f"generate.store={url}")
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "created": "now", "token": "x"}
+    lease.write("", json.dumps(holder).encode())  # this test process: alive, on this host
+    line = last_error_line(run_saeflow(*args, cwd=local_run))
+    assert f"is being written by process {os.getpid()} on this host" in line
+    lease.write("", json.dumps({**holder, "host": "gpu-node-7"}).encode())
+    line = last_error_line(run_saeflow(*args, cwd=local_run))
+    assert "leased by process" in line and "gpu-node-7" in line and f"delete {url}.lock" in line
+    assert StoreLocation(url).is_empty()  # nothing was written
+
+
+def test_a_missing_bucket_or_wrong_credentials_is_one_clear_line(s3, local_run):
+    line = last_error_line(run_saeflow("inspect", "s3://no-such-bucket/x.zarr", cwd=local_run))
+    assert "bucket 'no-such-bucket'" in line and "does not exist" in line
+    url = f"s3://{s3.new_bucket()}/x.zarr"
+    line = last_error_line(run_saeflow("generate", "tiny.yaml", *SMALL, "--set", f"generate.store={url}", cwd=local_run,
+                                       env_extra={"AWS_SECRET_ACCESS_KEY": "wrong"}))
+    assert "was denied" in line and "AWS_SECRET_ACCESS_KEY" in line
+    line = last_error_line(run_saeflow("inspect", url, cwd=local_run))
+    assert "is not an activation store" in line
+
+
+def test_the_chunk_cache_never_returns_rows_that_do_not_match_their_checksum(tmp_path):
+    cache = ChunkCache(tmp_path, "xxh3_64")
+    rows = np.arange(12, dtype="<f2").reshape(4, 3)
+    from store.format import chunk_checksum
+
+    checksum = chunk_checksum(rows, "xxh3_64")
+    cache.save(checksum ^ 1, rows)  # rows that are not those of this checksum are not kept
+    assert cache.load(checksum ^ 1, rows.dtype, rows.shape) is None
+    cache.save(checksum, rows)
+    assert np.array_equal(cache.load(checksum, rows.dtype, rows.shape), rows)
+    (file,) = tmp_path.rglob("*.bin")
+    file.write_bytes(bytes(reversed(file.read_bytes())))  # damaged on disk: dropped, never returned
+    assert cache.load(checksum, rows.dtype, rows.shape) is None and not file.exists()
+
+
+def test_a_store_url_without_a_path_is_refused():
+    with pytest.raises(Exception, match="needs a bucket and a path"):
+        StoreLocation("s3://bucket-only")
+
+
+def test_storage_options_are_never_recorded(local_run, remote_store, tmp_path):
+    config = yaml.safe_load((local_run / "tiny.yaml").read_text())
+    config["generate"]["storage_options"] = {"region": "us-east-1"}
+    (tmp_path / "options.yaml").write_text(yaml.safe_dump(config))
+    saeflow("train", str(tmp_path / "options.yaml"), *SMALL, "--set", f"generate.store={remote_store}",
+            "--set", f"train.out_dir={tmp_path / 'run'}", cwd=local_run)
+    record = json.loads((tmp_path / "run" / "sae" / "run.json").read_text())
+    assert record["config"]["generate"]["storage_options"] == {"region": "<not recorded>"}
