@@ -79,11 +79,16 @@ class StoreLocation:
     def _bucket(self) -> Any:
         return self._client(f"{self.scheme}://{self.bucket}")
 
-    def _client(self, url: str) -> Any:
+    def _obstore(self) -> Any:
         try:
-            from obstore.store import from_url
+            import obstore
         except ImportError:
-            raise StoreError(f"{self.text} is on object storage, which needs obstore; {REMOTE_EXTRA}") from None
+            raise StoreError(f"{self.text} is on object storage, which needs obstore: {REMOTE_EXTRA}") from None
+        return obstore
+
+    def _client(self, url: str) -> Any:
+        self._obstore()
+        from obstore.store import from_url
         options = dict(self.options)
         endpoint = next((options[k] for k in _ENDPOINT_KEYS if k in options), None) or os.environ.get("AWS_ENDPOINT_URL")
         client = dict(options.pop("client_options", {}))
@@ -99,7 +104,7 @@ class StoreLocation:
 
     def read(self, relative: str) -> bytes | None:
         """The object's bytes; None if it does not exist."""
-        import obstore
+        obstore = self._obstore()
 
         try:
             return bytes(obstore.get(self._bucket, self.key(relative)).bytes())
@@ -110,7 +115,7 @@ class StoreLocation:
             raise self.error(error) from None
 
     def write(self, relative: str, data: bytes) -> None:
-        import obstore
+        obstore = self._obstore()
 
         try:
             obstore.put(self._bucket, self.key(relative), data)
@@ -120,7 +125,7 @@ class StoreLocation:
     def create(self, relative: str, data: bytes) -> bool | None:
         """Write the object only if it does not exist: True if written, False if it existed, None
         if the backend has no conditional put (the caller decides what it can still promise)."""
-        import obstore
+        obstore = self._obstore()
         from obstore.exceptions import AlreadyExistsError, NotSupportedError, PreconditionError
 
         try:
@@ -134,7 +139,7 @@ class StoreLocation:
             raise self.error(error) from None
 
     def delete(self, relative: str) -> None:
-        import obstore
+        obstore = self._obstore()
 
         try:
             obstore.delete(self._bucket, self.key(relative))
@@ -145,7 +150,7 @@ class StoreLocation:
 
     def size(self, relative: str) -> int | None:
         """The object's size in bytes; None if it does not exist."""
-        import obstore
+        obstore = self._obstore()
 
         try:
             return int(obstore.head(self._bucket, self.key(relative))["size"])
@@ -157,7 +162,7 @@ class StoreLocation:
 
     def sizes(self, relative: str = "") -> dict[str, int]:
         """{key relative to the store: size} of every object under `relative` (a folder)."""
-        import obstore
+        obstore = self._obstore()
 
         folder = self.key(relative).rstrip("/") + "/"
         try:

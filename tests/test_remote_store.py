@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from pipeline.generate.provenance import load_store_tokenizer
 from store.chunk_cache import ChunkCache
 from store.location import StoreLocation
 from store.validate import compare_stores
@@ -56,7 +59,8 @@ def test_a_store_on_s3_validates_inspects_and_equals_the_local_store(local_run, 
     text = saeflow("inspect", remote_store, cwd=local_run).stdout
     assert f"store      {remote_store}  (complete)" in text and " stored" in text
     assert compare_stores(local_run / "data" / "tiny.zarr", remote_store) == []
-    assert StoreLocation(remote_store).size("tokenizer/tokenizer.json")  # the store decodes its own tokens
+    tokens = list(range(50))
+    assert load_store_tokenizer(remote_store).decode(tokens) == load_store_tokenizer(local_run / "data" / "tiny.zarr").decode(tokens)
     assert not StoreLocation(remote_store).sibling(".lock").read("")  # the lease is released
 
 
@@ -71,6 +75,17 @@ def test_training_from_s3_equals_training_from_the_local_store(local_run, remote
         assert len(cached) == 8  # every chunk of its one hook: 7 to train, 1 held out for the final metrics
     record = json.loads((tmp_path / "cold" / "sae" / "run.json").read_text())
     assert record["store"]["path"] == remote_store
+    for store, out in ((remote_store, tmp_path / "cold"), ("data/tiny.zarr", local_run / "results" / "tiny")):
+        saeflow("evaluate", "tiny.yaml", *SMALL, "--set", f"generate.store={store}", "--set", f"train.out_dir={out}",
+                cwd=local_run)
+    evaluated = [json.loads((out / "metrics.json").read_text()) for out in (tmp_path / "cold", local_run / "results" / "tiny")]
+    assert evaluated[0] == evaluated[1]
+
+
+def test_a_missing_remote_extra_is_named(local_run):
+    code = "import sys; sys.modules['obstore'] = None; from pipeline.cli import main; main(['inspect', 's3://bucket/x.zarr'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "pip install 'saeflow[s3]'" in last_error_line(result)
 
 
 def test_a_killed_remote_generate_resumes_to_the_same_store(s3, local_run, tmp_path):
