@@ -85,9 +85,13 @@ def generate(cfg, overwrite, identity_file):
 @_on_config
 def train(cfg, overwrite):
     """Stage 2: train the SAE(s) of CONFIG from its store (resumes from a checkpoint)."""
+    from pipeline.distributed import launched_ranks
     from pipeline.train.stage import train as train_saes
 
-    for directory in train_saes(cfg, overwrite=overwrite):
+    directories = train_saes(cfg, overwrite=overwrite)
+    if not launched_ranks().main:
+        return  # rank 0 reports for every rank
+    for directory in directories:
         heldout = json.loads((directory / "train_metrics.json").read_text())["heldout"]
         click.echo(f"trained: {directory}: held-out fvu {heldout['fvu']:.4f}, l0 {heldout['l0']:.1f}, "
                    f"dead {heldout['dead_fraction']:.2%}, dense {heldout['dense_fraction']:.2%}")

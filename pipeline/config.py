@@ -186,6 +186,8 @@ class TrainConfig(StrictModel):
     """steps between lines of train_log.jsonl"""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
     """experiment tracker beside train_log.jsonl"""
+    distribute: Literal["data", "variants"] = "data"
+    """under torchrun: data = data-parallel (DDP: each rank reads its own chunks, loader.batch_size split over ranks); variants = each rank trains its own share of the sweep's variants"""
     seed: int = per_sae(0)
     """not read by the trainer: weights come from initializer.seed, batch order from loader.seed"""
     # Several SAE variants trained from one pass over the loader: each entry is a map of

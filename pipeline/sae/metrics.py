@@ -9,7 +9,7 @@ so accumulating costs no host sync; result() reads them once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -44,6 +44,17 @@ class ReconstructionMetrics:
                 l0 = torch.bincount(out.l0.to(torch.int64), minlength=self.d_sae + 1)
                 self._l0_counts = l0 if self._l0_counts is None else self._l0_counts + l0
         self.rows += target.shape[0]
+
+    def combine(self, sum_over_processes: Callable[[Tensor], Tensor]) -> None:
+        """Replace every sum and count with its sum over processes (e.g. torch.distributed's
+        all-reduce), so result() describes all their rows."""
+        for key in sorted(self._sums):
+            self._sums[key] = sum_over_processes(self._sums[key].clone())
+        if self._fire_counts is not None:
+            self._fire_counts = sum_over_processes(self._fire_counts.clone())
+        if self._l0_counts is not None:
+            self._l0_counts = sum_over_processes(self._l0_counts.clone())
+        self.rows = int(sum_over_processes(torch.tensor(self.rows, dtype=torch.int64)))
 
     def _add(self, key: str, value: Tensor) -> None:
         value = value.to(torch.float64)

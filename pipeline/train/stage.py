@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
+from pipeline.distributed import SINGLE, Ranks, join_ranks, leave_ranks
 from pipeline.files import write_text_atomically
 from pipeline.sae.initialize import check_against_store, initialize_sae
 from pipeline.sae.io import export_saelens, save_sae
+from pipeline.sae.model import SparseAutoencoder
 from pipeline.train.checkpoint import checkpoint_path, saved_steps
 from pipeline.train.report import write_heldout_report
 from pipeline.train.run_record import finish_record, finished_here, start_record
@@ -37,39 +39,71 @@ from store.split_moments import store_moments
 def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories.
     A variant whose folder holds its finished SAE is left alone; one holding a finished SAE of
-    another config is refused unless `overwrite` (run_record.py)."""
+    another config is refused unless `overwrite` (run_record.py). Under torchrun the ranks train
+    data-parallel or share out the variants (train.distribute; pipeline/distributed.py)."""
     reader = open_store(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir)
     root = Path(cfg.train.out_dir)
     everything = sweep_variants(cfg)
-    variants = [(name, variant) for name, variant in everything if not finished_here(root / name, variant, reader, overwrite=overwrite)]
-    if not variants:
-        _say(f"{root}: every SAE of this config is trained already; nothing to do")
-        return [root / name for name, _ in everything]
-    device = _one_device(variants)
-    _say(f"SAEs on {device} (sae.device: {cfg.sae.device}); store {reader.path}")
+    device = _one_device(everything)
+    ranks = join_ranks(device.type)
+    try:
+        # only rank 0 looks at (and with --overwrite, empties) the run folders; every rank follows it
+        pending = [name for name, variant in everything if not finished_here(root / name, variant, reader, overwrite=overwrite)] \
+            if ranks.main else None
+        pending = ranks.broadcast_json(pending)
+        variants = [(name, variant) for name, variant in everything if name in pending]
+        if not variants:
+            _say(f"{root}: every SAE of this config is trained already; nothing to do")
+        elif ranks.distributed and cfg.train.distribute == "variants":
+            mine = variants[ranks.rank :: ranks.world]
+            _say(f"rank {ranks.rank} of {ranks.world}: {len(mine)} of the {len(variants)} variants "
+                 f"({', '.join(name for name, _ in mine) or 'none'})")
+            if mine:
+                _train_variants(cfg, mine, reader, root, device, SINGLE, writes=True, launch=ranks)
+        else:
+            _train_variants(cfg, variants, reader, root, device, ranks, writes=ranks.main, launch=ranks)
+    finally:
+        leave_ranks()
+    return [root / name for name, _ in everything]
+
+
+def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentConfig]], reader: StoreReader, root: Path,
+                    device: torch.device, ranks: Ranks, writes: bool, launch: Ranks) -> None:
+    """One pass of the loader trains `variants`; with several `ranks`, data-parallel: each rank
+    reads its own chunks and a 1/world share of every batch, gradients are averaged (DDP).
+    launch: every rank torchrun started (recorded in run.json)."""
+    if writes:
+        _say(f"SAEs on {device} (sae.device: {cfg.sae.device}); store {reader.path}"
+             + (f"; data-parallel over {ranks.world} ranks" if ranks.distributed else ""))
     hooks = _hooks_needed(variants)
     for _, variant_cfg in variants:
         check_against_store(variant_cfg.sae, {hook: reader.d(hook) for hook in reader.hooks})
     batch_size = cfg.loader.batch_size
+    if batch_size % ranks.world:
+        raise ConfigError(f"loader.batch_size={batch_size} must be a multiple of the {ranks.world} ranks "
+                          "(each rank takes an equal share of every batch)")
     total_steps = max(cfg.train.total_tokens // batch_size, 1)
-    trainers = [build_trainer(name, variant_cfg, reader, root / name, total_steps) for name, variant_cfg in variants]
-    cursor, start_step = _resume(trainers)
-    if start_step:
+    trainers = [build_trainer(name, variant_cfg, reader, root / name, total_steps, ranks, writes)
+                for name, variant_cfg in variants]
+    cursor, start_step = _resume(trainers, ranks)
+    if start_step and writes:
         _say(f"resuming from the checkpoints of step {start_step} of {total_steps}")
-    records = [start_record(trainer.out_dir, trainer.cfg, reader, start_step) for trainer in trainers]
+    records = [start_record(trainer.out_dir, trainer.cfg, reader, start_step) for trainer in trainers] if writes else []
     for trainer in trainers:
         trainer.open_tracker()
 
     if device.type == "cpu":
         keep_large_blocks_in_heap()
+    local_batch = batch_size // ranks.world
     loader = ActivationLoader(
-        reader, hooks, batch_size=batch_size, split="train", seed=cfg.loader.seed,
+        reader, hooks, batch_size=local_batch, split="train", seed=cfg.loader.seed,
         shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, prefetch_batches=cfg.loader.prefetch_batches,
         num_workers=cfg.loader.num_workers, heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32,
-        device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * batch_size, cursor=cursor,
+        device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * local_batch, cursor=cursor,
+        rank=ranks.rank, world_size=ranks.world,
     )
     every = _checkpoint_every_steps(cfg)
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True, disable=not writes)
     for batch in loader:
         for trainer in trainers:
             trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
@@ -80,14 +114,18 @@ def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
             progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
                                  tok_s=f"{record['tokens_per_second']:.0f}")
         if every and step % every == 0 and step < total_steps:
-            state = loader.state_dict()
+            cursors = ranks.gather_json(loader.state_dict())  # every rank's place in its own chunks
             for trainer in trainers:
-                trainer.save(state)
+                trainer.save(cursors)
     progress.close()
+    for trainer in trainers:
+        trainer.check_ranks_agree()
     for trainer, record in zip(trainers, records):
         _finish(trainer, reader)
-        finish_record(trainer.out_dir, record)
-    return [root / name for name, _ in everything]
+        launched = {"world_size": launch.world, "distribute": cfg.train.distribute if launch.distributed else None}
+        if launch.distributed and not ranks.distributed:
+            launched["trained_by_rank"] = launch.rank
+        finish_record(trainer.out_dir, {**record, "ranks": launched})
 
 
 def keep_large_blocks_in_heap() -> bool:
@@ -138,9 +176,11 @@ def _hooks_needed(variants: list[tuple[str, ExperimentConfig]]) -> list[str]:
     return hooks
 
 
-def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir: Path, total_steps: int) -> SAETrainer:
+def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir: Path, total_steps: int,
+                  ranks: Ranks = SINGLE, writes: bool = True) -> SAETrainer:
     """The trainer of one variant, its SAE initialized from the store (normalization factors
-    from the recorded statistics, the initializer's sample from the training split)."""
+    from the recorded statistics, the initializer's sample from the training split). With
+    several ranks, rank 0 alone initializes and the trainer broadcasts its SAE to the others."""
     sae_cfg = cfg.sae
     hook_in, hook_out = sae_cfg.hook_point_in, sae_cfg.hook_point_out
     heldout = cfg.loader.heldout_chunks
@@ -155,23 +195,29 @@ def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir
     def say(message: str) -> None:
         _say(f"{name}: {message}")
 
-    say(f"sampling {cfg.initializer.n_samples} training rows for the initialization")
-    x_in = sample(hook_in)
-    x_out = sample(hook_out) if sae_cfg.is_transcoder else None
-    sae = initialize_sae(sae_cfg, cfg.initializer, x_in, x_out, norm_factor_in=factor_in, norm_factor_out=factor_out,
-                         say=say)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps)
+    if ranks.main:
+        say(f"sampling {cfg.initializer.n_samples} training rows for the initialization")
+        x_in = sample(hook_in)
+        x_out = sample(hook_out) if sae_cfg.is_transcoder else None
+        sae = initialize_sae(sae_cfg, cfg.initializer, x_in, x_out, norm_factor_in=factor_in, norm_factor_out=factor_out,
+                             say=say)
+    else:
+        sae = SparseAutoencoder(sae_cfg)  # replaced by rank 0's initialization when the trainer joins the ranks
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps, ranks=ranks, writes=writes)
 
 
-def _resume(trainers: list[SAETrainer]) -> tuple[dict | None, int]:
-    """The newest checkpoint step saved by every variant (all or none resume)."""
+def _resume(trainers: list[SAETrainer], ranks: Ranks) -> tuple[dict | None, int]:
+    """The newest checkpoint step saved by every variant (all or none resume), as rank 0 sees
+    it; every rank restores it (train.out_dir is shared) and takes its own loader cursor."""
     common = set.intersection(*(saved_steps(trainer.checkpoint_dir) for trainer in trainers)) if trainers else set()
-    if not common:
+    step = ranks.broadcast_json(max(common) if common else 0)
+    if not step:
         for trainer in trainers:
-            trainer.log_path.unlink(missing_ok=True)
+            if trainer.writes:
+                trainer.log_path.unlink(missing_ok=True)
         return None, 0
-    step = max(common)
     cursors = [trainer.restore(checkpoint_path(trainer.checkpoint_dir, step)) for trainer in trainers]
     return cursors[0], step
 

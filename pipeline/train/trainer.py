@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, recorded_config
+from pipeline.distributed import SINGLE, Ranks
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
 from pipeline.sae.sparse_topk import gathered_encoder_values
@@ -27,8 +28,11 @@ from store.dtypes import TORCH_DTYPES
 
 class SAETrainer:
     def __init__(self, name: str, cfg: ExperimentConfig, sae: SparseAutoencoder, out_dir: Path,
-                 dataset_mean_out: torch.Tensor, total_steps: int):
+                 dataset_mean_out: torch.Tensor, total_steps: int, *, ranks: Ranks = SINGLE, writes: bool = True):
+        """ranks: the data-parallel ranks this SAE trains on (SINGLE: one process); writes: this
+        process writes the logs, checkpoints and tracker (rank 0 of data-parallel ranks)."""
         self.name, self.cfg, self.sae, self.out_dir = name, cfg, sae, out_dir
+        self.ranks, self.writes = ranks, writes
         self.train_cfg = cfg.train
         self.total_steps = total_steps
         device = sae.W_dec.device
@@ -43,23 +47,28 @@ class SAETrainer:
         # No host sync in a step on an accelerator (tests/train/test_sync.py): the CPU keeps
         # AuxK's faster data-dependent selection, where a "sync" costs nothing.
         self.sync_free = device.type != "cpu"
-        # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
-        self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
         self.step = 0
         self.tokens = 0
-        self._window = self._new_window()
         self._clock = time.perf_counter()
         if cfg.train.decoder_norm == "unit":
             move_decoder_norms_into_encoder(sae)
             sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
+        forward = sae
+        if ranks.distributed:  # DDP broadcasts rank 0's parameters and buffers, then averages gradients
+            forward = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
+        # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
+        self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
+        self._window = self._new_window()
         # the same module and parameters, traced and compiled on first use (train.compile)
-        self.forward = torch.compile(sae) if cfg.train.compile else sae
+        self.forward = torch.compile(forward) if cfg.train.compile else forward
         self.log_path = out_dir / "train_log.jsonl"
         self.checkpoint_dir = out_dir / "checkpoints"
         self.tracker = None
 
     def open_tracker(self) -> None:
         """Start train.logger's tracker (after any resume, so it knows the step to continue at)."""
+        if not self.writes:
+            return
         self.tracker = open_tracker(self.train_cfg.logger, self.out_dir, self.name,
                                     recorded_config(self.cfg), resume_step=self.step)
 
@@ -101,9 +110,11 @@ class SAETrainer:
             sae.set_decoder_norm_to_unit_norm()
 
         counts = out.firing_counts()  # one pass over the activations serves dead-latent tracking and logs
-        self.tokens_since_fired.add_(x.shape[0]).masked_fill_(counts > 0, 0)
+        rows = x.shape[0] * self.ranks.world
+        fired = self.ranks.all_reduce_sum(counts.clone()) if self.ranks.distributed else counts  # every rank's rows
+        self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
         self.step += 1
-        self.tokens += x.shape[0]
+        self.tokens += rows
         if sae.cfg.norm_activation == "token-wise":  # per-row factors do not cancel in FVU: raw units
             with torch.no_grad():
                 reconstruction = sae.denormalize_output(x_hat.detach(), x_in)
@@ -149,6 +160,7 @@ class SAETrainer:
 
     # --- logging ------------------------------------------------------------------------
     def _log(self, lr: float, k: int | None) -> None:
+        self._window.reduce(self.ranks)
         summary = self._window.summary()  # reads the device: the window's steps have finished
         now = time.perf_counter()
         record = {
@@ -163,17 +175,22 @@ class SAETrainer:
             record["k"] = k
         self._clock = now
         self._window = self._new_window()
+        self.last_record = record
+        if not self.writes:
+            return
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tracker is not None:
             self.tracker.log(numeric_scalars(record, "train/"), self.step)
-        self.last_record = record
 
     # --- checkpoints --------------------------------------------------------------------
-    def save(self, loader_cursor: dict) -> Path:
+    def save(self, loader_cursors: list[dict]) -> Path | None:
+        """Checkpoint after this step; loader_cursors: every rank's loader state, by rank."""
+        if not self.writes:
+            return None
         info = {
             "tokens": self.tokens,
-            "loader_cursor": loader_cursor,
+            "loader_cursors": loader_cursors,
             "config": recorded_config(self.cfg),
             "clock": None,
             "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
@@ -199,8 +216,22 @@ class SAETrainer:
             self.scaler.load_state_dict(info["grad_scaler"])
         self.step = int(info["step"])
         self.tokens = int(info["tokens"])
-        self._truncate_log()
-        return info["loader_cursor"]
+        if self.writes:
+            self._truncate_log()
+        cursors = info["loader_cursors"] if "loader_cursors" in info else [info["loader_cursor"]]
+        if len(cursors) != self.ranks.world:
+            raise ConfigError(f"{checkpoint} was saved by {len(cursors)} rank(s); resume it with as many "
+                              f"(torchrun --nproc_per_node {len(cursors)}), not {self.ranks.world}")
+        return cursors[self.ranks.rank]
+
+    def check_ranks_agree(self) -> None:
+        """Data-parallel ranks end with identical weights; anything else is a bug to report."""
+        if not self.ranks.distributed:
+            return
+        digest = [float(p.detach().double().sum()) for p in self.sae.parameters()]
+        digests = self.ranks.gather_json(digest)
+        if any(other != digests[0] for other in digests):
+            raise RuntimeError(f"{self.name}: the data-parallel ranks ended with different weights")
 
     def _truncate_log(self) -> None:
         """Drop log lines written after the checkpoint, so a resumed log reads as one run."""
@@ -234,6 +265,14 @@ class _LogWindow:
             squared_error = terms["mse_loss"].detach() * target.shape[0]
         self.metrics.update(target, squared_error, out, counts)
         self.steps += 1
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Combine the window over data-parallel ranks: loss terms are each rank's batch means
+        (averaged), the metrics' sums and counts are added."""
+        if not ranks.distributed:
+            return
+        self.sums = {key: ranks.all_reduce_sum(value.clone()) / ranks.world for key, value in self.sums.items()}
+        self.metrics.combine(ranks.all_reduce_sum)
 
     def summary(self) -> dict[str, float]:
         steps = max(self.steps, 1)
