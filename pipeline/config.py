@@ -7,7 +7,7 @@ falls back to a default. `--set section.key=value` overrides are applied before 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -22,9 +22,9 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line that names the problem and the fix."""
 
 
-def per_sae(default: Any) -> Any:
+def per_sae(default: Any, **constraints: Any) -> Any:
     """The Field of a train setting that each SAE of a sweep may set for itself (per_sae_train_keys)."""
-    return Field(default, json_schema_extra={"per_sae": True})
+    return Field(default, json_schema_extra={"per_sae": True}, **constraints)
 
 
 def is_per_sae(field: FieldInfo) -> bool:
@@ -72,12 +72,12 @@ class DatasetConfig(StrictModel):
     """hub dataset config name"""
     streaming: bool = False
     """stream the dataset instead of downloading and caching it whole"""
-    max_docs: int | None = None
+    max_docs: int | None = Field(None, ge=1)
     """read at most this many documents (null = all)"""
 
 
 class GenerateConfig(StrictModel):
-    store: str = "data/store.zarr"
+    store: str = Field("data/store.zarr", min_length=1)
     """path of the activation store (zarr) that generate writes and train reads"""
     hook_points: list[str] = Field(min_length=1)
     """LM hooks whose activations are stored, e.g. blocks.6.hook_resid_post"""
@@ -131,39 +131,39 @@ class LoaderConfig(StrictModel):
 class TrainConfig(StrictModel):
     # per_sae(...) marks the settings each SAE of a sweep may set for itself; the others are
     # shared because one loader pass feeds every variant.
-    out_dir: str = "results/run"
+    out_dir: str = Field("results/run", min_length=1)
     """run directory; each SAE variant writes to <out_dir>/<name>/"""
-    total_tokens: int = 1_000_000
+    total_tokens: int = Field(1_000_000, ge=1)
     """activation rows to train on (steps = total_tokens // loader.batch_size)"""
-    lr: float = per_sae(4e-4)
+    lr: float = per_sae(4e-4, gt=0)
     """peak learning rate of Adam"""
-    betas: tuple[float, float] = per_sae((0.9, 0.999))
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = per_sae((0.9, 0.999))
     """Adam's (beta1, beta2)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = per_sae("constant")
     """learning-rate shape after warmup: constant (then lr_decay_steps), cosine or linear to 0"""
-    lr_warmup_steps: int = per_sae(0)
+    lr_warmup_steps: int = per_sae(0, ge=0)
     """linear learning-rate warmup from 0 over this many steps"""
-    lr_decay_steps: int = per_sae(0)
+    lr_decay_steps: int = per_sae(0, ge=0)
     """final decay to zero over this many steps (constant/linear)"""
-    clip_grad_norm: float | None = per_sae(1.0)
+    clip_grad_norm: float | None = per_sae(1.0, gt=0)
     """clip the gradient's global norm to this (null = no clipping)"""
-    l1_coefficient: float = per_sae(5.0)
+    l1_coefficient: float = per_sae(5.0, ge=0)
     """weight of the sparsity penalty (L1/tanh for relu, L0 for jumprelu)"""
-    l1_warmup_steps: int = per_sae(0)
+    l1_warmup_steps: int = per_sae(0, ge=0)
     """linear warmup of l1_coefficient from 0 over this many steps"""
     sparsity_penalty: Literal["l1", "tanh"] = per_sae("l1")
     """relu's penalty: l1, or tanh(tanh_stretch * |z|), which saturates"""
-    tanh_stretch: float = per_sae(4.0)
+    tanh_stretch: float = per_sae(4.0, gt=0)
     """stretch of the tanh sparsity penalty"""
-    k_anneal_steps: int = per_sae(0)
+    k_anneal_steps: int = per_sae(0, ge=0)
     """top_k anneals from k_anneal_start down to top_k over these steps"""
-    k_anneal_start: int | None = per_sae(None)
+    k_anneal_start: int | None = per_sae(None, ge=1)
     """top_k at step 0 of the annealing (null = min(4 * top_k, d_sae))"""
-    aux_k: int | None = per_sae(512)
+    aux_k: int | None = per_sae(512, ge=1)
     """topk/batchtopk: dead latents in the AuxK loss (null = no AuxK loss)"""
-    aux_k_coefficient: float = per_sae(1 / 32)
+    aux_k_coefficient: float = per_sae(1 / 32, ge=0)
     """weight of the AuxK loss"""
-    dead_threshold_tokens: int = per_sae(1_000_000)
+    dead_threshold_tokens: int = per_sae(1_000_000, ge=1)
     """a latent that has not fired for this many tokens counts as dead"""
     decoder_norm: Literal["unit", "in_sparsity"] = per_sae("unit")
     """unit = decoder rows renormalized to 1 after each step; in_sparsity = left free"""
@@ -171,9 +171,9 @@ class TrainConfig(StrictModel):
     """run the SAE's forward under torch.autocast in this dtype (null = off); float16 adds a GradScaler"""
     compile: bool = per_sae(False)
     """torch.compile the SAE's forward (fuses its elementwise work on a GPU; compiling costs ~a minute)"""
-    checkpoint_every_tokens: int | None = None
+    checkpoint_every_tokens: int | None = Field(None, ge=1)
     """save a resumable checkpoint every this many tokens (null = none)"""
-    log_every_steps: int = 10
+    log_every_steps: int = Field(10, ge=1)
     """steps between lines of train_log.jsonl"""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
     """experiment tracker beside train_log.jsonl"""
@@ -187,13 +187,13 @@ class TrainConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    n_tokens: int = 100_000
+    n_tokens: int = Field(100_000, ge=1)
     """held-out activation rows for FVU/L0/dead latents"""
-    batch_size: int = 4096
+    batch_size: int = Field(4096, ge=1)
     """activation rows per evaluation batch"""
-    lm_eval_sequences: int = 32
+    lm_eval_sequences: int = Field(32, ge=0)
     """sequences of held-out text for CE loss with the SAE spliced in (0 = skip)"""
-    lm_eval_batch_size: int = 8
+    lm_eval_batch_size: int = Field(8, ge=1)
     """sequences per LM forward pass in the CE-loss evaluation"""
 
 
@@ -230,6 +230,17 @@ class ExperimentConfig(StrictModel):
         check_sae_and_initializer(self.sae, self.initializer)
         return self
 
+    @model_validator(mode="after")
+    def _token_counts_hold_a_batch(self):
+        # steps are tokens // loader.batch_size: less than one batch would round to nothing
+        batch = self.loader.batch_size
+        for key in ("total_tokens", "checkpoint_every_tokens"):
+            tokens = getattr(self.train, key)
+            if tokens is not None and tokens < batch:
+                raise ValueError(f"train.{key}={tokens} is less than one batch (loader.batch_size={batch}); "
+                                 f"set it to at least {batch}")
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value); the value is parsed as YAML."""
@@ -239,7 +250,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".") if part]
     if len(path) < 2:
         raise ConfigError(f"override {text!r} must name a section and a key, e.g. train.lr=1e-3")
-    return path, yaml.safe_load(raw)
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_first_line(error)}); "
+                          "quote it or fix its brackets") from None
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
@@ -291,12 +306,19 @@ def load_config_dict(path: str | Path, overrides: list[str] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of an experiment YAML")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_first_line(error)}") from None
     for text in overrides:
         apply_override(data, *parse_override(text))
     return data
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0]
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
