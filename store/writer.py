@@ -54,11 +54,13 @@ from store.recorded_stats import StatsRecorder
 
 _PUT_POLL_S = 0.1  # how often a producer blocked on a full queue checks for a writer failure
 _STOP = object()
-# Test hook: "<phase>:<n>" SIGKILLs this process the n-th time a commit reaches <phase>, so tests
-# kill a writer at every point of a commit without relying on timing. Inert when unset.
+# Test hook: "<phase>:<n>" SIGKILLs this process the n-th time a commit (or the store's creation)
+# reaches <phase>, so tests kill a writer at every point without relying on timing. Inert when unset.
 KILL_AT_ENV = "SAEFLOW_KILL_AT"
 COMMIT_PHASES = ("commit_started", "acts_written", "data_written", "checksums_written", "stats_written",
                  "arrays_trimmed", "manifest_written")
+KILL_PHASES = ("store_created", *COMMIT_PHASES)  # store_created: built, not yet renamed into place
+_CREATING_PREFIX = ".{name}.creating-"  # + pid: a store being built beside its final path
 
 
 @dataclass
@@ -116,7 +118,9 @@ class StoreWriter:
         lock: StoreLock | None = None,
         stats_device: str | torch.device = "cpu",
     ) -> StoreWriter:
-        """Create a new store at `path` (which must not exist yet) and open it for writing.
+        """Create a new store at `path` (which must not exist yet, or be empty) and open it for writing.
+        The store is built under a temporary name beside `path` and renamed into place with its
+        manifest, so a kill during creation leaves no half-made store at `path`.
 
         stats_device: where each chunk's d x d statistics are computed (the LM's GPU, if any);
         resume on the same kind of device for bit-identical statistics."""
@@ -130,8 +134,12 @@ class StoreWriter:
             rows = capacity_rows
             if shard_chunks:
                 rows = math.ceil(capacity_rows / (chunk_rows * shard_chunks)) * chunk_rows * shard_chunks
-            create_store(path, hook_dims=hook_dims, store_dtype=store_dtype, chunk_rows=chunk_rows, capacity_rows=rows,
+            _remove_interrupted_creations(path)
+            temp = path.with_name(f"{_CREATING_PREFIX.format(name=path.name)}{os.getpid()}")
+            create_store(temp, hook_dims=hook_dims, store_dtype=store_dtype, chunk_rows=chunk_rows, capacity_rows=rows,
                          shard_chunks=shard_chunks, compressor=compressor, manifest=dict(manifest or {}))
+            _KillSwitch(os.environ.get(KILL_AT_ENV)).reached("store_created")
+            os.rename(temp, path)  # onto nothing or an empty directory
             return cls(path, lock, queue_chunks, stats_device)
 
         return _under_lock(path, lock, build)
@@ -154,6 +162,7 @@ class StoreWriter:
                 raise StoreError(f"{path} is complete ({manifest['n_rows']} rows); nothing can be appended to it")
             for leftover in path.rglob("*.partial"):  # temp files of writes a crash interrupted
                 leftover.unlink(missing_ok=True)
+            _remove_interrupted_creations(path)
             return cls(path, lock, queue_chunks, stats_device)
 
         return _under_lock(path, lock, build)
@@ -345,6 +354,14 @@ class StoreWriter:
         return f"the writer thread failed on {where}: {error!r}; {kept}"
 
 
+def _remove_interrupted_creations(path: Path) -> None:
+    """Stores a killed create() left half-built beside `path` (the caller holds the lock)."""
+    prefix = _CREATING_PREFIX.format(name=path.name)
+    for leftover in path.parent.iterdir() if path.parent.is_dir() else ():
+        if leftover.name.startswith(prefix):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _under_lock(path: Path, lock: StoreLock | None, build) -> StoreWriter:
     """build(lock) with the store's lock held; a lock taken here is released if build fails."""
     lock = lock or StoreLock(path)
@@ -365,8 +382,8 @@ class _KillSwitch:
         self.phase, self.at, self.seen = None, 0, 0
         if spec:
             phase, _, n = spec.partition(":")
-            if phase not in COMMIT_PHASES or not n.isdigit():
-                raise StoreError(f"{KILL_AT_ENV}={spec!r}: use <phase>:<n>, phase one of {', '.join(COMMIT_PHASES)}")
+            if phase not in KILL_PHASES or not n.isdigit():
+                raise StoreError(f"{KILL_AT_ENV}={spec!r}: use <phase>:<n>, phase one of {', '.join(KILL_PHASES)}")
             self.phase, self.at = phase, int(n)
 
     def reached(self, phase: str) -> None:

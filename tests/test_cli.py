@@ -16,7 +16,8 @@ from pipeline.config import ExperimentConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300, preexec_fn=None) -> subprocess.CompletedProcess:
+    """preexec_fn: a condition of tests/processes.py the command runs under."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=cwd,
@@ -24,6 +25,7 @@ def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300) -> subproces
         text=True,
         timeout=timeout,
         env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        preexec_fn=preexec_fn,
     )
 
 

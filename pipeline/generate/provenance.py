@@ -59,6 +59,16 @@ def existing_store(path: Path, cfg: ExperimentConfig, overwrite: bool, say: Call
     return None
 
 
+def complete_store(path: Path, cfg: ExperimentConfig) -> dict | None:
+    """The manifest of a complete store of this config at `path` (None: there is none), found
+    without writing anything: nothing writes a complete store, and it may be read-only."""
+    try:
+        manifest = read_manifest(path)
+    except StoreError:
+        return None
+    return manifest if manifest.get("complete") and _mismatch(path, cfg) is None else None
+
+
 def _mismatch(path: Path, cfg: ExperimentConfig) -> str | None:
     """Why the store at `path` cannot be continued or reused for `cfg` (None: it can)."""
     try:
