@@ -267,7 +267,7 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _describe(error: ValidationError, model: type[StrictModel]) -> str:
+def describe_validation_error(error: ValidationError, model: type[StrictModel]) -> str:
     """The first validation problem as one line: where, what, and what would be valid."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
@@ -298,7 +298,7 @@ def validate_config(data: dict) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, ExperimentConfig)) from None
+        raise ConfigError(describe_validation_error(error, ExperimentConfig)) from None
 
 
 def load_config_dict(path: str | Path, overrides: list[str] = ()) -> dict:
