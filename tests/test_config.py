@@ -18,6 +18,7 @@ from pipeline.config import (
     resolve_device,
     sweep_variants,
 )
+from tests.test_cli import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -151,27 +152,12 @@ BAD_VALUES = {
 }
 
 
-def one_error_line(args: list[str], cwd: Path) -> str:
-    """The CLI run in-process in `cwd`: exit 2, no traceback, one `error:` line (returned)."""
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        result = CliRunner().invoke(main, args)
-    assert result.exception is None or isinstance(result.exception, SystemExit), f"traceback: {result.exception!r}"
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
 def test_bad_values_are_one_line_and_nothing_runs(tmp_path, case):
     mutate, expected = BAD_VALUES[case]
     config = write_config(tmp_path, lambda d: (d["generate"].update(store=str(tmp_path / "s.zarr")),
                                                d["train"].update(out_dir=str(tmp_path / "run")), mutate(d)))
-    assert expected in one_error_line(["train", str(config)], tmp_path)
+    assert expected in one_error_line("train", str(config))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
 
 
@@ -179,6 +165,6 @@ def test_unreadable_config_text_and_overrides_are_one_line(tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(TINY.read_bytes().replace(b"# Seconds", b"# Caf\xe9: seconds"))
     assert "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 5); save the config as UTF-8" in one_error_line(
-        ["train", str(latin1)], tmp_path)
-    line = one_error_line(["train", str(TINY), "--set", "train.lr=[1"], tmp_path)
+        "train", str(latin1))
+    line = one_error_line("train", str(TINY), "--set", "train.lr=[1")
     assert "override 'train.lr=[1': the value is not valid YAML" in line and "fix its brackets" in line

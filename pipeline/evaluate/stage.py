@@ -39,9 +39,13 @@ METRICS_FILE = "metrics.json"
 HISTOGRAM_FILE = "eval_l0_histogram.json"
 
 
-def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None) -> dict[str, dict]:
-    """Evaluate every variant of cfg; `lm` reuses a loaded model (tests, notebooks)."""
+def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None, allow_incomplete: bool = False) -> dict[str, dict]:
+    """Evaluate every variant of cfg; `lm` reuses a loaded model (tests, notebooks). A store
+    generate has not finished is refused unless `allow_incomplete`."""
     reader = StoreReader(cfg.generate.store, verify=cfg.loader.verify)
+    note = reader.require_complete(allow_incomplete=allow_incomplete)
+    if note:
+        _say(note)
     reader.check_chunk_files()  # a deleted or cut chunk anywhere: the store needs repair first
     reader.split_chunks("heldout", cfg.loader.heldout_chunks)  # a StoreError naming the fix if there is none
     root = Path(cfg.train.out_dir)

@@ -33,11 +33,12 @@ from store.sampling import sample_rows
 from store.split_moments import store_moments
 
 
-def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
+def train(cfg: ExperimentConfig, *, overwrite: bool = False, allow_incomplete: bool = False) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories.
     A variant whose folder holds its finished SAE is left alone; one holding a finished SAE of
-    another config is refused unless `overwrite` (run_record.py)."""
-    reader = open_store(cfg.generate.store, verify=cfg.loader.verify)
+    another config is refused unless `overwrite` (run_record.py). A store generate has not
+    finished is refused unless `allow_incomplete`."""
+    reader = open_store(cfg.generate.store, verify=cfg.loader.verify, allow_incomplete=allow_incomplete)
     root = Path(cfg.train.out_dir)
     everything = sweep_variants(cfg)
     variants = [(name, variant) for name, variant in everything if not finished_here(root / name, variant, reader, overwrite=overwrite)]
@@ -68,21 +69,21 @@ def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
         device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * batch_size, cursor=cursor,
     )
     every = _checkpoint_every_steps(cfg)
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True)
-    for batch in loader:
-        for trainer in trainers:
-            trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
-        step = trainers[0].step
-        progress.update(1)
-        record = getattr(trainers[0], "last_record", None)
-        if record and step % cfg.train.log_every_steps == 0:
-            progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
-                                 tok_s=f"{record['tokens_per_second']:.0f}")
-        if every and step % every == 0 and step < total_steps:
-            state = loader.state_dict()
+    # a failure closes the bar first, so the error line is the last one printed
+    with tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True) as progress:
+        for batch in loader:
             for trainer in trainers:
-                trainer.save(state)
-    progress.close()
+                trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
+            step = trainers[0].step
+            progress.update(1)
+            record = getattr(trainers[0], "last_record", None)
+            if record and step % cfg.train.log_every_steps == 0:
+                progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
+                                     tok_s=f"{record['tokens_per_second']:.0f}")
+            if every and step % every == 0 and step < total_steps:
+                state = loader.state_dict()
+                for trainer in trainers:
+                    trainer.save(state)
     for trainer, record in zip(trainers, records):
         _finish(trainer, reader)
         finish_record(trainer.out_dir, record)
@@ -107,8 +108,11 @@ def keep_large_blocks_in_heap() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def open_store(path: str, *, verify: bool = True) -> StoreReader:
+def open_store(path: str, *, verify: bool = True, allow_incomplete: bool = False) -> StoreReader:
     reader = StoreReader(path, verify=verify)
+    note = reader.require_complete(allow_incomplete=allow_incomplete)
+    if note:
+        _say(note)
     reader.check_chunk_files()
     if reader.n_chunks == 0:
         raise StoreError(f"store {path} has no committed rows; run `saeflow generate` first")
@@ -160,11 +164,13 @@ def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir
     sae = initialize_sae(sae_cfg, cfg.initializer, x_in, x_out, norm_factor_in=factor_in, norm_factor_out=factor_out,
                          say=say)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps)
+    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps, store_identity=reader.identity())
 
 
 def _resume(trainers: list[SAETrainer]) -> tuple[dict | None, int]:
     """The newest checkpoint step saved by every variant (all or none resume)."""
+    for trainer in trainers:
+        trainer.remove_interrupted_writes()
     common = set.intersection(*(saved_steps(trainer.checkpoint_dir) for trainer in trainers)) if trainers else set()
     if not common:
         for trainer in trainers:
