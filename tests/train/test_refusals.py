@@ -192,3 +192,16 @@ def test_a_store_generate_has_not_finished_needs_allow_incomplete(finished, tmp_
     line = one_error_line("train", str(write_config(tmp_path / "other.yaml", store, interrupted)), "--allow-incomplete")
     assert "holds a checkpoint of a different config (changed: the store (its identity)); choose another" in line
     assert files(interrupted) == written
+
+
+@pytest.mark.parametrize("case", ["pickle named sae.safetensors", "weights cast to int32", "extra key in config.json"])
+def test_evaluate_refuses_a_damaged_saved_sae_in_one_line(store, finished, tmp_path, case):
+    from tests.sae.test_io import DAMAGED_SAES
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    DAMAGED_SAES[case][0](run / "sae")
+    written = files(run)
+    line = one_error_line("evaluate", str(write_config(tmp_path / "tiny.yaml", store, run)))
+    assert str(run / "sae") in line and line.endswith(f"retrain the SAE or restore {run / 'sae'} from a copy"), line
+    assert files(run) == written
