@@ -44,7 +44,7 @@ def sweep_override(variants: dict[str, dict]) -> str:
 
 def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook: str | None = None) -> dict:
     """Initial and final held-out metrics of each variant, trained in one sweep."""
-    from pipeline.config import sweep_variants
+    from pipeline.sweeps import sweep_variants
     from pipeline.train.stage import build_trainer, open_store, train
 
     hooks = [] if hook is None else [f"generate.hook_points=[{hook}]", f"sae.hook_point_in={hook}",

@@ -1,7 +1,7 @@
 """`saeflow` command line: generate, train, evaluate, inspect, validate, config.
 
-Every expected failure (bad config, bad store, missing model) is a one-line message on stderr
-and exit code 2; anything else is a bug and keeps its traceback.
+Every expected failure (bad config, bad store, missing model, a file that cannot be written) is
+a one-line message on stderr and exit code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any, NamedTuple
 import click
 from pydantic import BaseModel
 
-from pipeline.config import SWEEPABLE_SECTIONS, ConfigError, is_per_sae, load_config, sweep_variants
+from pipeline.config import ConfigError, is_per_sae, load_config
+from pipeline.sweeps import SWEEPABLE_SECTIONS, sweep_variants
+from pipeline.files import WriteError
 from store.format import StoreError
 
 _set_option = click.option(
@@ -35,7 +37,7 @@ def _clear_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ConfigError, StoreError) as error:
+        except (ConfigError, StoreError, WriteError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
 
@@ -80,15 +82,22 @@ def generate(cfg, overwrite, identity_file):
     click.echo(f"store: {path}")
 
 
+_allow_incomplete = click.option(
+    "--allow-incomplete", is_flag=True,
+    help="Use a store that generate has not finished (still running or stopped): only its committed rows.",
+)
+
+
 @main.command()
 @click.option("--overwrite", is_flag=True, help="Replace a finished SAE of a different config in train.out_dir.")
+@_allow_incomplete
 @_on_config
-def train(cfg, overwrite):
+def train(cfg, overwrite, allow_incomplete):
     """Stage 2: train the SAE(s) of CONFIG from its store (resumes from a checkpoint)."""
     from pipeline.distributed import launched_ranks
     from pipeline.train.stage import train as train_saes
 
-    directories = train_saes(cfg, overwrite=overwrite)
+    directories = train_saes(cfg, overwrite=overwrite, allow_incomplete=allow_incomplete)
     if not launched_ranks().main:
         return  # rank 0 reports for every rank
     for directory in directories:
@@ -99,12 +108,13 @@ def train(cfg, overwrite):
 
 
 @main.command()
+@_allow_incomplete
 @_on_config
-def evaluate(cfg):
+def evaluate(cfg, allow_incomplete):
     """Evaluate the trained SAE(s) of CONFIG on held-out data; writes metrics.json."""
     from pipeline.evaluate.stage import evaluate as evaluate_saes
 
-    for name, values in evaluate_saes(cfg).items():
+    for name, values in evaluate_saes(cfg, allow_incomplete=allow_incomplete).items():
         summary = ", ".join(f"{key} {value:.4g}" for key, value in values.items() if isinstance(value, (int, float)))
         click.echo(f"{name}: {summary}")
 

@@ -7,7 +7,7 @@ falls back to a default. `--set section.key=value` overrides are applied before 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -23,9 +23,9 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line that names the problem and the fix."""
 
 
-def per_sae(default: Any) -> Any:
+def per_sae(default: Any, **constraints: Any) -> Any:
     """The Field of a train setting that each SAE of a sweep may set for itself (per_sae_train_keys)."""
-    return Field(default, json_schema_extra={"per_sae": True})
+    return Field(default, json_schema_extra={"per_sae": True}, **constraints)
 
 
 def is_per_sae(field: FieldInfo) -> bool:
@@ -73,12 +73,12 @@ class DatasetConfig(StrictModel):
     """hub dataset config name"""
     streaming: bool = False
     """stream the dataset instead of downloading and caching it whole"""
-    max_docs: int | None = None
+    max_docs: int | None = Field(None, ge=1)
     """read at most this many documents (null = all)"""
 
 
 class GenerateConfig(StrictModel):
-    store: str = "data/store.zarr"
+    store: str = Field("data/store.zarr", min_length=1)
     """the activation store (zarr) that generate writes and train reads: a local path or an object-store URL (s3://bucket/name.zarr, gs://, az://; needs the s3 extra)"""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """obstore settings of a remote store (e.g. endpoint, region); credentials are best left to the environment (AWS_ACCESS_KEY_ID, ...). Never recorded in the store or the run"""
@@ -140,39 +140,39 @@ class LoaderConfig(StrictModel):
 class TrainConfig(StrictModel):
     # per_sae(...) marks the settings each SAE of a sweep may set for itself; the others are
     # shared because one loader pass feeds every variant.
-    out_dir: str = "results/run"
+    out_dir: str = Field("results/run", min_length=1)
     """run directory; each SAE variant writes to <out_dir>/<name>/"""
-    total_tokens: int = 1_000_000
+    total_tokens: int = Field(1_000_000, ge=1)
     """activation rows to train on (steps = total_tokens // loader.batch_size)"""
-    lr: float = per_sae(4e-4)
+    lr: float = per_sae(4e-4, gt=0)
     """peak learning rate of Adam"""
-    betas: tuple[float, float] = per_sae((0.9, 0.999))
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = per_sae((0.9, 0.999))
     """Adam's (beta1, beta2)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = per_sae("constant")
     """learning-rate shape after warmup: constant (then lr_decay_steps), cosine or linear to 0"""
-    lr_warmup_steps: int = per_sae(0)
+    lr_warmup_steps: int = per_sae(0, ge=0)
     """linear learning-rate warmup from 0 over this many steps"""
-    lr_decay_steps: int = per_sae(0)
+    lr_decay_steps: int = per_sae(0, ge=0)
     """final decay to zero over this many steps (constant/linear)"""
-    clip_grad_norm: float | None = per_sae(1.0)
+    clip_grad_norm: float | None = per_sae(1.0, gt=0)
     """clip the gradient's global norm to this (null = no clipping)"""
-    l1_coefficient: float = per_sae(5.0)
+    l1_coefficient: float = per_sae(5.0, ge=0)
     """weight of the sparsity penalty (L1/tanh for relu, L0 for jumprelu)"""
-    l1_warmup_steps: int = per_sae(0)
+    l1_warmup_steps: int = per_sae(0, ge=0)
     """linear warmup of l1_coefficient from 0 over this many steps"""
     sparsity_penalty: Literal["l1", "tanh"] = per_sae("l1")
     """relu's penalty: l1, or tanh(tanh_stretch * |z|), which saturates"""
-    tanh_stretch: float = per_sae(4.0)
+    tanh_stretch: float = per_sae(4.0, gt=0)
     """stretch of the tanh sparsity penalty"""
-    k_anneal_steps: int = per_sae(0)
+    k_anneal_steps: int = per_sae(0, ge=0)
     """top_k anneals from k_anneal_start down to top_k over these steps"""
-    k_anneal_start: int | None = per_sae(None)
+    k_anneal_start: int | None = per_sae(None, ge=1)
     """top_k at step 0 of the annealing (null = min(4 * top_k, d_sae))"""
-    aux_k: int | None = per_sae(512)
+    aux_k: int | None = per_sae(512, ge=1)
     """topk/batchtopk: dead latents in the AuxK loss (null = no AuxK loss)"""
-    aux_k_coefficient: float = per_sae(1 / 32)
+    aux_k_coefficient: float = per_sae(1 / 32, ge=0)
     """weight of the AuxK loss"""
-    dead_threshold_tokens: int = per_sae(1_000_000)
+    dead_threshold_tokens: int = per_sae(1_000_000, ge=1)
     """a latent that has not fired for this many tokens counts as dead"""
     decoder_norm: Literal["unit", "in_sparsity"] = per_sae("unit")
     """unit = decoder rows renormalized to 1 after each step; in_sparsity = left free"""
@@ -180,9 +180,9 @@ class TrainConfig(StrictModel):
     """run the SAE's forward under torch.autocast in this dtype (null = off); float16 adds a GradScaler"""
     compile: bool = per_sae(False)
     """torch.compile the SAE's forward (fuses its elementwise work on a GPU; compiling costs ~a minute)"""
-    checkpoint_every_tokens: int | None = None
+    checkpoint_every_tokens: int | None = Field(None, ge=1)
     """save a resumable checkpoint every this many tokens (null = none)"""
-    log_every_steps: int = 10
+    log_every_steps: int = Field(10, ge=1)
     """steps between lines of train_log.jsonl"""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
     """experiment tracker beside train_log.jsonl"""
@@ -198,13 +198,13 @@ class TrainConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    n_tokens: int = 100_000
+    n_tokens: int = Field(100_000, ge=1)
     """held-out activation rows for FVU/L0/dead latents"""
-    batch_size: int = 4096
+    batch_size: int = Field(4096, ge=1)
     """activation rows per evaluation batch"""
-    lm_eval_sequences: int = 32
+    lm_eval_sequences: int = Field(32, ge=0)
     """sequences of held-out text for CE loss with the SAE spliced in (0 = skip)"""
-    lm_eval_batch_size: int = 8
+    lm_eval_batch_size: int = Field(8, ge=1)
     """sequences per LM forward pass in the CE-loss evaluation"""
 
 
@@ -241,6 +241,17 @@ class ExperimentConfig(StrictModel):
         check_sae_and_initializer(self.sae, self.initializer)
         return self
 
+    @model_validator(mode="after")
+    def _token_counts_hold_a_batch(self):
+        # steps are tokens // loader.batch_size: less than one batch would round to nothing
+        batch = self.loader.batch_size
+        for key in ("total_tokens", "checkpoint_every_tokens"):
+            tokens = getattr(self.train, key)
+            if tokens is not None and tokens < batch:
+                raise ValueError(f"train.{key}={tokens} is less than one batch (loader.batch_size={batch}); "
+                                 f"set it to at least {batch}")
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value); the value is parsed as YAML."""
@@ -250,7 +261,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".") if part]
     if len(path) < 2:
         raise ConfigError(f"override {text!r} must name a section and a key, e.g. train.lr=1e-3")
-    return path, yaml.safe_load(raw)
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_first_line(error)}); "
+                          "quote it or fix its brackets") from None
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
@@ -263,7 +278,7 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _describe(error: ValidationError, model: type[StrictModel]) -> str:
+def describe_validation_error(error: ValidationError, model: type[StrictModel]) -> str:
     """The first validation problem as one line: where, what, and what would be valid."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
@@ -294,7 +309,7 @@ def validate_config(data: dict) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, ExperimentConfig)) from None
+        raise ConfigError(describe_validation_error(error, ExperimentConfig)) from None
 
 
 def load_config_dict(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -302,20 +317,23 @@ def load_config_dict(path: str | Path, overrides: list[str] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of an experiment YAML")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_first_line(error)}") from None
     for text in overrides:
         apply_override(data, *parse_override(text))
     return data
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0]
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     return validate_config(load_config_dict(path, overrides))
-
-
-# Whole sections a sweep entry may change; of train only the per_sae fields.
-SWEEPABLE_SECTIONS = ("sae", "initializer")
 
 
 def recorded_config(cfg: ExperimentConfig) -> dict:
@@ -326,11 +344,6 @@ def recorded_config(cfg: ExperimentConfig) -> dict:
     return config
 
 
-def per_sae_train_keys() -> frozenset[str]:
-    """The train settings a sweep variant may change: the fields marked per_sae(...)."""
-    return frozenset(name for name, field in TrainConfig.model_fields.items() if is_per_sae(field))
-
-
 def changed_keys(wanted: dict, recorded: dict) -> list[str]:
     """Dotted keys whose value differs between two config dumps of {section: {key: value}}."""
     return [
@@ -339,44 +352,6 @@ def changed_keys(wanted: dict, recorded: dict) -> list[str]:
         for key in sorted(set(wanted.get(section) or {}) | set(recorded.get(section) or {}))
         if (wanted.get(section) or {}).get(key) != (recorded.get(section) or {}).get(key)
     ]
-
-
-def sweep_variants(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
-    """(name, config) per SAE variant; no sweep = one variant named "sae"."""
-    if not cfg.train.sweep:
-        return [("sae", cfg)]
-    base = cfg.model_dump(mode="json")
-    variants = []
-    for index, entry in enumerate(cfg.train.sweep):
-        entry = dict(entry)
-        name = str(entry.pop("name", None) or _variant_name(entry, index))
-        data = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
-        data["train"]["sweep"] = []
-        for key, value in entry.items():
-            _check_sweepable(name, key)
-            apply_override(data, key.split("."), value)
-        variants.append((name, validate_config(data)))
-    names = [name for name, _ in variants]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sweep variant names {names} repeat; give each entry a distinct 'name'")
-    return variants
-
-
-def _check_sweepable(variant: str, key: str) -> None:
-    """Only sae.*, initializer.* and the per-SAE train settings may vary: one loader feeds every variant."""
-    section, _, name = key.partition(".")
-    if section in SWEEPABLE_SECTIONS or (section == "train" and name in per_sae_train_keys()):
-        return
-    raise ConfigError(
-        f"sweep variant {variant!r} changes {key}, which all variants share "
-        f"(one loader feeds them); sweep only sae.*, initializer.* and per-SAE train settings"
-    )
-
-
-def _variant_name(entry: dict, index: int) -> str:
-    if not entry:
-        return f"variant{index}"
-    return "-".join(f"{key.split('.')[-1]}={value}" for key, value in entry.items())
 
 
 def resolve_device(name: str) -> torch.device:

@@ -48,20 +48,30 @@ class StoreLock:
     def acquire(self) -> StoreLock:
         if self.held:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise self._cannot_write(error) from None
         for _ in range(3):  # a stale lock is removed, then creation is retried
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
             except FileExistsError:
                 self._remove_if_stale()
                 continue
+            except OSError as error:  # a read-only filesystem or directory
+                raise self._cannot_write(error) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 pass  # no flock on this filesystem: the pid check alone guards staleness
             info = {"pid": os.getpid(), "host": socket.gethostname(), "created": now()}
-            os.write(fd, json.dumps(info).encode())
-            os.fsync(fd)
+            try:
+                os.write(fd, json.dumps(info).encode())
+                os.fsync(fd)
+            except OSError as error:  # a full disk
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise self._cannot_write(error) from None
             self._fd = fd
             return self
         raise StoreError(f"could not take the writer lock {self.path}; delete it if no saeflow process writes {self.store}")
@@ -91,13 +101,22 @@ class StoreLock:
                 f"store {self.store} is being written by process {pid} on this host (lock {self.path}); "
                 "wait for it to finish or stop it, then rerun"
             )
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as error:
+            raise self._cannot_write(error) from None
+
+    def _cannot_write(self, error: OSError) -> StoreError:
+        return StoreError(
+            f"cannot create the writer lock {self.path} ({error.strerror or error}): writing store {self.store} needs "
+            f"write access to {self.path.parent}; make it writable or write the store elsewhere"
+        )
 
     def _read_holder(self) -> dict:
         """The lock's JSON; {} while a writer is between creating it and writing it."""
         try:
             holder = json.loads(self.path.read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
         return holder if isinstance(holder, dict) else {}
 

@@ -85,6 +85,21 @@ class StoreReader:
     def n_rows(self) -> int:
         return self.manifest.n_rows
 
+    def require_complete(self, *, allow_incomplete: bool) -> str | None:
+        """StoreError for a store that generate has not finished (it is still writing it, or was
+        stopped) unless allow_incomplete, which returns the line saying how much of it is used;
+        None for a complete store."""
+        if self.manifest["complete"]:
+            return None
+        target = self.manifest.get("target_rows")
+        rows = f"{self.n_rows:,} of {target:,} rows" if isinstance(target, int) else f"{self.n_rows:,} rows"
+        if not allow_incomplete:
+            raise StoreError(
+                f"store {self.path} is not complete ({rows} written: generate is still writing it or was stopped); "
+                "rerun `saeflow generate` to finish it, or pass --allow-incomplete to use the rows it has"
+            )
+        return f"store {self.path} is not complete: using the {rows} it has (--allow-incomplete)"
+
     def d(self, hook: str) -> int:
         return int(self._hook_info(hook)["d"])
 

@@ -24,7 +24,6 @@ import math
 import os
 import queue
 import shutil
-import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,18 +48,15 @@ from store.format import (
     resize_rows,
     write_manifest,
 )
+from store.kill_points import COMMIT_PHASES, KILL_AT_ENV, KillSwitch  # noqa: F401 - KILL_AT_ENV, COMMIT_PHASES: re-exported for tests
 from store.lease import RemoteLease, writer_lock
+from store.leftovers import CREATING_PREFIX, remove_interrupted_creations, remove_interrupted_remote_creation  # noqa: F401
 from store.location import StoreLocation, locate
 from store.lock import StoreLock
 from store.recorded_stats import StatsRecorder
 
 _PUT_POLL_S = 0.1  # how often a producer blocked on a full queue checks for a writer failure
 _STOP = object()
-# Test hook: "<phase>:<n>" SIGKILLs this process the n-th time a commit reaches <phase>, so tests
-# kill a writer at every point of a commit without relying on timing. Inert when unset.
-KILL_AT_ENV = "SAEFLOW_KILL_AT"
-COMMIT_PHASES = ("commit_started", "acts_written", "data_written", "checksums_written", "stats_written",
-                 "arrays_trimmed", "manifest_written")
 
 
 @dataclass
@@ -97,7 +93,7 @@ class StoreWriter:
         self._error: BaseException | None = None
         self._error_message = ""
         self._finish_complete = False
-        self._kill_switch = _KillSwitch(os.environ.get(KILL_AT_ENV))
+        self._kill_switch = KillSwitch(os.environ.get(KILL_AT_ENV))
         self._thread = threading.Thread(target=self._run, name=f"saeflow-writer:{path.name}", daemon=True)
         self._thread.start()
 
@@ -118,7 +114,9 @@ class StoreWriter:
         lock: StoreLock | RemoteLease | None = None,
         stats_device: str | torch.device = "cpu",
     ) -> StoreWriter:
-        """Create a new store at `path` (which must not exist yet) and open it for writing.
+        """Create a new store at `path` (which must not exist yet, or be empty) and open it for writing.
+        The store is built under a temporary name beside `path` and renamed into place with its
+        manifest, so a kill during creation leaves no half-made store at `path`.
 
         stats_device: where each chunk's d x d statistics are computed (the LM's GPU, if any);
         resume on the same kind of device for bit-identical statistics."""
@@ -132,8 +130,17 @@ class StoreWriter:
             rows = capacity_rows
             if shard_chunks:
                 rows = math.ceil(capacity_rows / (chunk_rows * shard_chunks)) * chunk_rows * shard_chunks
-            create_store(path, hook_dims=hook_dims, store_dtype=store_dtype, chunk_rows=chunk_rows, capacity_rows=rows,
-                         shard_chunks=shard_chunks, compressor=compressor, manifest=dict(manifest or {}))
+            layout = dict(hook_dims=hook_dims, store_dtype=store_dtype, chunk_rows=chunk_rows, capacity_rows=rows,
+                          shard_chunks=shard_chunks, compressor=compressor, manifest=dict(manifest or {}))
+            if path.remote:  # no rename on an object store: the manifest, written last, marks it made
+                create_store(path, **layout)
+                KillSwitch(os.environ.get(KILL_AT_ENV)).reached("store_created")
+                return cls(path, lock, queue_chunks, stats_device)
+            remove_interrupted_creations(path.local)
+            temp = path.local.with_name(f"{CREATING_PREFIX.format(name=path.name)}{os.getpid()}")
+            create_store(temp, **layout)
+            KillSwitch(os.environ.get(KILL_AT_ENV)).reached("store_created")
+            os.rename(temp, path.local)  # onto nothing or an empty directory
             return cls(path, lock, queue_chunks, stats_device)
 
         return _under_lock(path, lock, build)
@@ -155,8 +162,10 @@ class StoreWriter:
             if manifest["complete"]:
                 raise StoreError(f"{path} is complete ({manifest['n_rows']} rows); nothing can be appended to it")
             # temp files of writes a crash interrupted (an object store's puts are atomic: none there)
-            for leftover in path.local.rglob("*.partial") if path.local is not None else ():
-                leftover.unlink(missing_ok=True)
+            if path.local is not None:
+                for leftover in path.local.rglob("*.partial"):
+                    leftover.unlink(missing_ok=True)
+                remove_interrupted_creations(path.local)
             return cls(path, lock, queue_chunks, stats_device)
 
         return _under_lock(path, lock, build)
@@ -359,21 +368,3 @@ def _under_lock(path: StoreLocation, lock: StoreLock | RemoteLease | None, build
         if owns_lock:
             lock.release()
         raise
-
-
-class _KillSwitch:
-    """The KILL_AT_ENV test hook: SIGKILL at the n-th time a commit reaches the phase."""
-
-    def __init__(self, spec: str | None):
-        self.phase, self.at, self.seen = None, 0, 0
-        if spec:
-            phase, _, n = spec.partition(":")
-            if phase not in COMMIT_PHASES or not n.isdigit():
-                raise StoreError(f"{KILL_AT_ENV}={spec!r}: use <phase>:<n>, phase one of {', '.join(COMMIT_PHASES)}")
-            self.phase, self.at = phase, int(n)
-
-    def reached(self, phase: str) -> None:
-        if phase == self.phase:
-            self.seen += 1
-            if self.seen == self.at:
-                os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,9 @@ from pipeline.config import ExperimentConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300, env_extra: dict | None = None,
+                preexec_fn=None) -> subprocess.CompletedProcess:
+    """preexec_fn: a condition of tests/processes.py the command runs under."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=cwd,
@@ -24,7 +26,29 @@ def run_saeflow(*args: str, cwd: Path = REPO, timeout: float = 300, env_extra: d
         text=True,
         timeout=timeout,
         env={**__import__("os").environ, "PYTHONPATH": str(REPO), **(env_extra or {})},
+        preexec_fn=preexec_fn,
     )
+
+
+def invoke_saeflow(*args: str):
+    """The CLI run in this process (click's runner): a traceback fails the test."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), f"traceback: {result.exception!r}"
+    return result
+
+
+def one_error_line(*args: str) -> str:
+    """The CLI refuses `args`: exit 2, one `error:` line, the last on stderr after any progress
+    lines ("saeflow train: ..."); returns it."""
+    result = invoke_saeflow(*args)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result.exit_code == 2 and errors == lines[-1:], result.stderr
+    return errors[0]
 
 
 def saeflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:

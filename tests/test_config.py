@@ -10,14 +10,9 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline import InitializerConfig, SAEConfig
-from pipeline.config import (
-    ConfigError,
-    ExperimentConfig,
-    load_config,
-    per_sae_train_keys,
-    resolve_device,
-    sweep_variants,
-)
+from pipeline.config import ConfigError, ExperimentConfig, load_config, resolve_device
+from pipeline.sweeps import per_sae_train_keys, sweep_variants
+from tests.test_cli import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -130,3 +125,40 @@ def test_per_sae_train_keys_are_marked_on_the_fields():
     }
     # shared by every variant: one loader pass feeds them all
     assert not {"total_tokens", "out_dir", "sweep", "log_every_steps"} & per_sae_train_keys()
+
+
+def _set(section: str, **values):
+    return lambda d: d[section].update(values)
+
+
+# Bad values found by a hostile tester (issue 21): each is refused by `train` in one line naming
+# the key; nothing runs and nothing is written.
+BAD_VALUES = {
+    "empty store path": (_set("generate", store=""), "'generate.store': String should have at least 1 character"),
+    "negative max_docs": (_set("dataset", max_docs=-1), "'dataset.max_docs': Input should be greater than or equal to 1"),
+    "log every 0 steps": (_set("train", log_every_steps=0), "'train.log_every_steps': Input should be greater than or equal to 1"),
+    "negative lr": (_set("train", lr=-0.01), "'train.lr': Input should be greater than 0"),
+    "zero total_tokens": (_set("train", total_tokens=0), "'train.total_tokens': Input should be greater than or equal to 1"),
+    "negative total_tokens": (_set("train", total_tokens=-5), "'train.total_tokens': Input should be greater than or equal to 1"),
+    "total_tokens under a batch": (_set("train", total_tokens=100), "train.total_tokens=100 is less than one batch (loader.batch_size=256); set it to at least 256"),
+    "negative checkpoint interval": (_set("train", checkpoint_every_tokens=-5), "'train.checkpoint_every_tokens': Input should be greater than or equal to 1"),
+    "beta of 1.5": (_set("train", betas=[0.9, 1.5]), "'train.betas.1': Input should be less than 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_values_are_one_line_and_nothing_runs(tmp_path, case):
+    mutate, expected = BAD_VALUES[case]
+    config = write_config(tmp_path, lambda d: (d["generate"].update(store=str(tmp_path / "s.zarr")),
+                                               d["train"].update(out_dir=str(tmp_path / "run")), mutate(d)))
+    assert expected in one_error_line("train", str(config))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+def test_unreadable_config_text_and_overrides_are_one_line(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(TINY.read_bytes().replace(b"# Seconds", b"# Caf\xe9: seconds"))
+    assert "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 5); save the config as UTF-8" in one_error_line(
+        "train", str(latin1))
+    line = one_error_line("train", str(TINY), "--set", "train.lr=[1")
+    assert "override 'train.lr=[1': the value is not valid YAML" in line and "fix its brackets" in line

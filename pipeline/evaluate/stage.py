@@ -1,6 +1,6 @@
 """Evaluate every trained SAE of a config on data its training never saw.
 
-For each variant (pipeline/config.py sweep_variants) in <train.out_dir>/<name>/:
+For each variant (pipeline/sweeps.py sweep_variants) in <train.out_dir>/<name>/:
 - activation metrics on the store's held-out split (the last loader.heldout_chunks chunks, up
   to evaluate.n_tokens rows): FVU (against the target hook's dataset mean from the store's
   statistics), explained variance, MSE (summed over dimensions, mean per row), L0 mean and
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
+from pipeline.config import ConfigError, ExperimentConfig, resolve_device
+from pipeline.sweeps import sweep_variants
 from pipeline.evaluate.sequences import HELDOUT_TEXT, heldout_sequences
 from pipeline.evaluate.splice import lm_metrics
 from pipeline.files import write_text_atomically
@@ -39,9 +40,13 @@ METRICS_FILE = "metrics.json"
 HISTOGRAM_FILE = "eval_l0_histogram.json"
 
 
-def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None) -> dict[str, dict]:
-    """Evaluate every variant of cfg; `lm` reuses a loaded model (tests, notebooks)."""
+def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None, allow_incomplete: bool = False) -> dict[str, dict]:
+    """Evaluate every variant of cfg; `lm` reuses a loaded model (tests, notebooks). A store
+    generate has not finished is refused unless `allow_incomplete`."""
     reader = StoreReader(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir)
+    note = reader.require_complete(allow_incomplete=allow_incomplete)
+    if note:
+        _say(note)
     reader.check_chunk_files()  # a deleted or cut chunk anywhere: the store needs repair first
     reader.split_chunks("heldout", cfg.loader.heldout_chunks)  # a StoreError naming the fix if there is none
     root = Path(cfg.train.out_dir)

@@ -29,7 +29,7 @@ from store.lease import RemoteLease
 from store.location import StoreLocation, locate
 from store.lock import StoreLock
 from store.reader import StoreReader
-from store.writer import StoreWriter
+from store.writer import StoreWriter, remove_interrupted_remote_creation
 
 # generate keys that cannot change the stored bytes: a store may be moved or resumed with them changed.
 # storage_options also hold credentials, which a store must never record.
@@ -49,7 +49,7 @@ def data_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def existing_store(path: StoreLocation, cfg: ExperimentConfig, overwrite: bool, say: Callable[[str], None]) -> dict | None:
     """The manifest of a store at `path` made with this config; None if there is none (any more)."""
-    if path.is_empty():
+    if path.is_empty() or remove_interrupted_remote_creation(path):
         return None
     reason = _mismatch(path, cfg)
     if reason is None:
@@ -61,6 +61,16 @@ def existing_store(path: StoreLocation, cfg: ExperimentConfig, overwrite: bool, 
     say(f"replacing store {path} ({reason})")
     path.remove()
     return None
+
+
+def complete_store(path: StoreLocation, cfg: ExperimentConfig) -> dict | None:
+    """The manifest of a complete store of this config at `path` (None: there is none), found
+    without writing anything: nothing writes a complete store, and it may be read-only."""
+    try:
+        manifest = read_manifest(path)
+    except StoreError:
+        return None
+    return manifest if manifest.get("complete") and _mismatch(path, cfg) is None else None
 
 
 def _mismatch(path: StoreLocation, cfg: ExperimentConfig) -> str | None:

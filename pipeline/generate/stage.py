@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.generate.lm import LanguageModel, load_language_model
-from pipeline.generate.provenance import create_writer, existing_store, save_store_tokenizer
+from pipeline.generate.provenance import complete_store, create_writer, existing_store, save_store_tokenizer
 from pipeline.generate.text import DatasetError, iter_documents
 from pipeline.generate.windows import Batch, WindowCursor, WindowSpec, encoded_documents, iter_batches, iter_windows
 from store.lease import writer_lock
+from store.location import StoreLocation
 from store.writer import StoreWriter
 
 # Test hook: seconds to sleep after each batch, so a test can SIGKILL a run between commits.
@@ -56,11 +57,13 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
     """Create, resume or confirm the store of `cfg`; `lm` reuses a loaded model (benchmarks, tests)."""
     g = cfg.generate
     path = g.location()
+    manifest = complete_store(path, cfg)  # needs no lock, so a read-only complete store is fine
+    if manifest is not None:
+        return _nothing_to_do(path, manifest)
     with writer_lock(path) as lock:  # before anything is read: a second writer fails fast
         manifest = existing_store(path, cfg, overwrite, say=_say)
-        if manifest is not None and manifest["complete"]:
-            _say(f"store {path} is complete ({manifest['n_rows']} rows, same config); nothing to do")
-            return GenerateResult(path.local or str(path), manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
+        if manifest is not None and manifest["complete"]:  # completed by a writer that just finished
+            return _nothing_to_do(path, manifest)
         lm = lm or load_language_model(cfg.model)
         hook_dims, spec = check_model(lm, cfg)
         torch.manual_seed(g.seed)
@@ -80,6 +83,11 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
         with writer:
             save_store_tokenizer(path, lm)
             return _write(cfg, lm, writer, _chain(first, batches), skip, resumed=manifest is not None)
+
+
+def _nothing_to_do(path: StoreLocation, manifest: dict) -> GenerateResult:
+    _say(f"store {path} is complete ({manifest['n_rows']} rows, same config); nothing to do")
+    return GenerateResult(path.local or str(path), manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
 
 
 def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batches: Iterator[Batch], skip: int, resumed: bool) -> GenerateResult:

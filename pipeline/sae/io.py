@@ -19,8 +19,11 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import ConfigError, describe_validation_error
 from pipeline.files import write_file_atomically, write_text_atomically
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
@@ -34,6 +37,10 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
 # The cfg.json schema we write; SAELens converts configs that claim an older version.
 SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+class SAEFileError(ConfigError):
+    """A saved SAE that cannot be read back as the SAE it claims to be: one line naming the file."""
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path, *, fold_normalization: bool = True) -> Path:
@@ -61,24 +68,51 @@ def load_sae(directory: str | Path, device: str | torch.device | None = None) ->
     """The SAE saved in directory, in eval mode, on `device` (default: the saved cfg.device, or
     the CPU when that was a GPU this machine lacks)."""
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: {directory} is not a saved saeflow SAE")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT_NAME or config.get("version") != FORMAT_VERSION:
-        raise ValueError(
+    damaged = f"retrain the SAE or restore {directory} from a copy"
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SAEFileError(f"{config_path} is not JSON ({error}); {damaged}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME or config.get("version") != FORMAT_VERSION:
+        config = config if isinstance(config, dict) else {}
+        raise SAEFileError(
             f"{config_path} is format {config.get('format')!r} v{config.get('version')}; "
             f"this saeflow reads {FORMAT_NAME!r} v{FORMAT_VERSION}"
         )
-    cfg_data = dict(config["sae"])
+    cfg_data = dict(config.get("sae") or {})
     if device is None and str(cfg_data.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     if device is not None:
         cfg_data["device"] = str(device)
-    cfg = SAEConfig.model_validate(cfg_data)
+    try:
+        cfg = SAEConfig.model_validate(cfg_data)
+    except ValidationError as error:
+        raise SAEFileError(f"{config_path}: {describe_validation_error(error, SAEConfig)}; {damaged}") from None
     sae = SparseAutoencoder(cfg)
-    sae.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(sae.W_enc.device)), strict=True)
+    try:
+        tensors = load_file(str(weights_path), device=str(sae.W_enc.device))
+    except (SafetensorError, OSError) as error:  # never a pickle: anything but safetensors is refused here
+        raise SAEFileError(f"{weights_path} is not a readable safetensors file ({error}); {damaged}") from None
+    problems = tensor_mismatches(sae.state_dict(), tensors)
+    if problems:
+        raise SAEFileError(f"{weights_path} does not hold the SAE of {config_path}: {'; '.join(problems[:3])}; {damaged}")
+    sae.load_state_dict(tensors, strict=True)
     return sae.eval()
+
+
+def tensor_mismatches(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    """How tensors read from a file differ from a module's state dict (`expected`): missing or
+    unexpected names, other shapes or dtypes ([] = they fit; load_state_dict would cast silently)."""
+    problems = [f"{name} is missing" for name in expected if name not in found]
+    problems += [f"{name} is not part of it" for name in found if name not in expected]
+    for name, want in expected.items():
+        got = found.get(name)
+        if got is not None and (got.shape != want.shape or got.dtype != want.dtype):
+            problems.append(f"{name} is {dtype_name(got.dtype)} {tuple(got.shape)}, not {dtype_name(want.dtype)} {tuple(want.shape)}")
+    return problems
 
 
 def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name: str | None = None,

@@ -60,6 +60,21 @@ class ReconstructionMetrics:
         value = value.to(torch.float64)
         self._sums[key] = value if key not in self._sums else self._sums[key] + value
 
+    def state(self) -> tuple[int, dict[str, Tensor]]:
+        """(rows, tensors): what a checkpoint keeps to continue accumulating exactly (not the L0 histogram)."""
+        tensors = dict(self._sums)
+        if self._fire_counts is not None:
+            tensors["fire_counts"] = self._fire_counts
+        return self.rows, tensors
+
+    def restore(self, rows: int, tensors: dict[str, Tensor]) -> None:
+        """Continue from a state(); tensors go to the dataset mean's device."""
+        device = self.dataset_mean.device
+        self.rows = rows
+        self._sums = {key: value.to(device) for key, value in tensors.items() if key != "fire_counts"}
+        counts = tensors.get("fire_counts")
+        self._fire_counts = None if counts is None else counts.to(device)
+
     def fire_counts(self) -> Tensor:
         """(d_sae,) int64 on the CPU: the rows on which each latent fired."""
         if self._fire_counts is None:

@@ -6,6 +6,7 @@ Curves are written as CSV (dvc plots data) and as PNG next to the SAE.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.files import write_file_atomically, write_text_atomically  # noqa: E402
 from pipeline.sae.metrics import heldout_metrics  # noqa: E402
 
 CURVE_KEYS = ("tokens", "step", "loss", "mse_loss", "fvu", "l0", "dead_fraction", "lr")
@@ -41,11 +43,19 @@ def read_log(path: Path) -> list[dict]:
 
 
 def write_curves_csv(records: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CURVE_KEYS, extrasaction="ignore")
-        writer.writeheader()
-        for record in records:
-            writer.writerow({key: record.get(key, "") for key in CURVE_KEYS})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CURVE_KEYS, extrasaction="ignore")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({key: record.get(key, "") for key in CURVE_KEYS})
+    write_text_atomically(path, text.getvalue())
+
+
+def _save_figure(figure, path: Path) -> None:
+    try:
+        write_file_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
+    finally:
+        plt.close(figure)
 
 
 def plot_feature_density(frequency: torch.Tensor, path: Path, title: str) -> None:
@@ -59,8 +69,7 @@ def plot_feature_density(frequency: torch.Tensor, path: Path, title: str) -> Non
     axis.set_ylabel("latents")
     axis.set_title(f"{title}: feature density ({dead} dead of {frequency.numel()})")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def plot_training_curves(records: list[dict], path: Path, title: str) -> None:
@@ -75,5 +84,4 @@ def plot_training_curves(records: list[dict], path: Path, title: str) -> None:
             axis.set_yscale("log")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save_figure(figure, path)

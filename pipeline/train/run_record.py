@@ -43,6 +43,16 @@ def read_record(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def run_changes(cfg: ExperimentConfig, store_identity: str | None, recorded_config: dict | None,
+                recorded_identity: str | None) -> list[str]:
+    """What differs between the run `cfg` asks for on a store and one recorded (run.json, a
+    checkpoint): the config keys, locations left out, and the store by its identity ([] = the same run)."""
+    changed = changed_keys(_what(cfg.model_dump(mode="json")), _what(recorded_config)) if recorded_config else ["no recorded config"]
+    if recorded_identity != store_identity:
+        changed.append("the store (its identity)")
+    return changed
+
+
 def finished_here(directory: Path, cfg: ExperimentConfig, reader: StoreReader, *, overwrite: bool) -> bool:
     """True when `directory` holds the finished SAE of `cfg` trained on this store. A finished
     SAE of another config or store (or an unknown one) is a ConfigError unless `overwrite`,
@@ -50,9 +60,7 @@ def finished_here(directory: Path, cfg: ExperimentConfig, reader: StoreReader, *
     if not (directory / WEIGHTS_FILE).is_file():
         return False  # nothing finished here: train, or resume from its checkpoints
     record = read_record(directory) or {}
-    changed = changed_keys(_what(cfg.model_dump(mode="json")), _what(record["config"])) if record.get("config") else ["no run.json"]
-    if (record.get("store") or {}).get("identity") != reader.identity():
-        changed.append("the store (its identity)")
+    changed = run_changes(cfg, reader.identity(), record.get("config"), (record.get("store") or {}).get("identity"))
     if record.get("finished") and not changed:
         return True
     if overwrite:

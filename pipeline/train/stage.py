@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, ExperimentConfig, resolve_device, sweep_variants
+from pipeline.config import ConfigError, ExperimentConfig, resolve_device
+from pipeline.sweeps import sweep_variants
 from pipeline.distributed import SINGLE, Ranks, join_ranks, leave_ranks
 from pipeline.files import write_text_atomically
 from pipeline.sae.initialize import check_against_store, initialize_sae
@@ -36,12 +37,14 @@ from store.sampling import sample_rows
 from store.split_moments import store_moments
 
 
-def train(cfg: ExperimentConfig, *, overwrite: bool = False) -> list[Path]:
+def train(cfg: ExperimentConfig, *, overwrite: bool = False, allow_incomplete: bool = False) -> list[Path]:
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories.
     A variant whose folder holds its finished SAE is left alone; one holding a finished SAE of
-    another config is refused unless `overwrite` (run_record.py). Under torchrun the ranks train
+    another config is refused unless `overwrite` (run_record.py). A store generate has not
+    finished is refused unless `allow_incomplete`. Under torchrun the ranks train
     data-parallel or share out the variants (train.distribute; pipeline/distributed.py)."""
-    reader = open_store(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir)
+    reader = open_store(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir,
+                        allow_incomplete=allow_incomplete)
     root = Path(cfg.train.out_dir)
     everything = sweep_variants(cfg)
     device = _one_device(everything)
@@ -103,21 +106,22 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
         rank=ranks.rank, world_size=ranks.world,
     )
     every = _checkpoint_every_steps(cfg)
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True, disable=not writes)
-    for batch in loader:
-        for trainer in trainers:
-            trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
-        step = trainers[0].step
-        progress.update(1)
-        record = getattr(trainers[0], "last_record", None)
-        if record and step % cfg.train.log_every_steps == 0:
-            progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
-                                 tok_s=f"{record['tokens_per_second']:.0f}")
-        if every and step % every == 0 and step < total_steps:
-            cursors = ranks.gather_json(loader.state_dict())  # every rank's place in its own chunks
+    # a failure closes the bar first, so the error line is the last one printed
+    with tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
+              disable=not writes) as progress:
+        for batch in loader:
             for trainer in trainers:
-                trainer.save(cursors)
-    progress.close()
+                trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
+            step = trainers[0].step
+            progress.update(1)
+            record = getattr(trainers[0], "last_record", None)
+            if record and step % cfg.train.log_every_steps == 0:
+                progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
+                                     tok_s=f"{record['tokens_per_second']:.0f}")
+            if every and step % every == 0 and step < total_steps:
+                cursors = ranks.gather_json(loader.state_dict())  # every rank's place in its own chunks
+                for trainer in trainers:
+                    trainer.save(cursors)
     for trainer in trainers:
         trainer.check_ranks_agree()
     for trainer, record in zip(trainers, records):
@@ -146,8 +150,12 @@ def keep_large_blocks_in_heap() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def open_store(path: str | StoreLocation, *, verify: bool = True, cache_dir: str | None = None) -> StoreReader:
+def open_store(path: str | StoreLocation, *, verify: bool = True, cache_dir: str | None = None,
+               allow_incomplete: bool = False) -> StoreReader:
     reader = StoreReader(path, verify=verify, cache_dir=cache_dir)
+    note = reader.require_complete(allow_incomplete=allow_incomplete)
+    if note:
+        _say(note)
     reader.check_chunk_files()
     if reader.n_chunks == 0:
         raise StoreError(f"store {path} has no committed rows; run `saeflow generate` first")
@@ -205,12 +213,16 @@ def build_trainer(name: str, cfg: ExperimentConfig, reader: StoreReader, out_dir
         sae = SparseAutoencoder(sae_cfg)  # replaced by rank 0's initialization when the trainer joins the ranks
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
-    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps, ranks=ranks, writes=writes)
+    return SAETrainer(name, cfg, sae, out_dir, moments_out.mean, total_steps, store_identity=reader.identity(),
+                      ranks=ranks, writes=writes)
 
 
 def _resume(trainers: list[SAETrainer], ranks: Ranks) -> tuple[dict | None, int]:
     """The newest checkpoint step saved by every variant (all or none resume), as rank 0 sees
     it; every rank restores it (train.out_dir is shared) and takes its own loader cursor."""
+    for trainer in trainers:
+        if trainer.writes:
+            trainer.remove_interrupted_writes()
     common = set.intersection(*(saved_steps(trainer.checkpoint_dir) for trainer in trainers)) if trainers else set()
     step = ranks.broadcast_json(max(common) if common else 0)
     if not step:

@@ -16,11 +16,13 @@ import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, recorded_config
 from pipeline.distributed import SINGLE, Ranks
+from pipeline.files import append_line, remove_temporaries, write_text_atomically
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
 from pipeline.sae.sparse_topk import gathered_encoder_values
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import checkpoint_step, damaged, load_checkpoint, read_info, save_checkpoint
 from pipeline.train.losses import aux_k_loss, l1_sparsity, reconstruction_loss, tanh_sparsity
+from pipeline.train.run_record import run_changes
 from pipeline.train.schedules import annealed_k, lr_multiplier, sparsity_coefficient
 from pipeline.train.trackers import numeric_scalars, open_tracker
 from store.dtypes import TORCH_DTYPES
@@ -28,10 +30,12 @@ from store.dtypes import TORCH_DTYPES
 
 class SAETrainer:
     def __init__(self, name: str, cfg: ExperimentConfig, sae: SparseAutoencoder, out_dir: Path,
-                 dataset_mean_out: torch.Tensor, total_steps: int, *, ranks: Ranks = SINGLE, writes: bool = True):
+                 dataset_mean_out: torch.Tensor, total_steps: int, store_identity: str | None = None, *,
+                 ranks: Ranks = SINGLE, writes: bool = True):
         """ranks: the data-parallel ranks this SAE trains on (SINGLE: one process); writes: this
         process writes the logs, checkpoints and tracker (rank 0 of data-parallel ranks)."""
         self.name, self.cfg, self.sae, self.out_dir = name, cfg, sae, out_dir
+        self.store_identity = store_identity  # of the store it trains on (reader.identity()), kept in checkpoints
         self.ranks, self.writes = ranks, writes
         self.train_cfg = cfg.train
         self.total_steps = total_steps
@@ -178,47 +182,68 @@ class SAETrainer:
         self.last_record = record
         if not self.writes:
             return
-        with self.log_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.log_path, json.dumps(record))
         if self.tracker is not None:
             self.tracker.log(numeric_scalars(record, "train/"), self.step)
 
     # --- checkpoints --------------------------------------------------------------------
     def save(self, loader_cursors: list[dict]) -> Path | None:
         """Checkpoint after this step; loader_cursors: every rank's loader state, by rank."""
+        window_info, window_tensors = self._window.state()
+        if self.ranks.distributed:  # rank 0 keeps every rank's window; the others resume with an empty one
+            window_tensors = {key: self.ranks.all_reduce_sum(value.clone()) for key, value in sorted(window_tensors.items())}
+            window_info = {**window_info, "rows": int(self.ranks.all_reduce_sum(torch.tensor(window_info["rows"])))}
         if not self.writes:
             return None
         info = {
             "tokens": self.tokens,
             "loader_cursors": loader_cursors,
             "config": recorded_config(self.cfg),
+            "store_identity": self.store_identity,
             "clock": None,
             "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
+            "log_window": window_info,  # the steps since the last log line: a resumed log matches
         }
         return save_checkpoint(
             self.checkpoint_dir,
             step=self.step,
             model=self.sae,
             optimizer=self.optimizer,
-            tensors={"tokens_since_fired": self.tokens_since_fired},
+            tensors={"tokens_since_fired": self.tokens_since_fired,
+                     **{f"window.{key}": value for key, value in window_tensors.items()}},
             info=info,
         )
 
     def restore(self, checkpoint: Path) -> dict:
-        extras, info = load_checkpoint(checkpoint, model=self.sae, optimizer=self.optimizer, device=self.sae.W_dec.device)
-        if info["config"] != recorded_config(self.cfg):
+        """Continue from `checkpoint`, refused unless it is of this run (config without
+        locations, store identity: run_record.run_changes) and intact; returns the loader cursor."""
+        info = read_info(checkpoint)
+        changed = run_changes(self.cfg, self.store_identity, info["config"], info.get("store_identity"))
+        if changed:
             raise ConfigError(
-                f"{self.out_dir} holds a checkpoint of a different config; "
-                "choose a new train.out_dir or delete that directory to start over"
+                f"{self.out_dir} holds a checkpoint of a different config (changed: {', '.join(changed[:6])}); "
+                f"choose another train.out_dir, or delete {self.checkpoint_dir} to start over"
             )
-        self.tokens_since_fired = extras["tokens_since_fired"].to(self.sae.W_dec.device)
+        step, batch = checkpoint_step(checkpoint), self.cfg.loader.batch_size
+        if info["step"] != step or info["tokens"] != step * batch or not 0 < step < self.total_steps:
+            raise damaged(checkpoint, f"it says step {info['step']} and {info['tokens']} tokens; a checkpoint of step "
+                                      f"{step} of this run's {self.total_steps} steps has {step * batch} tokens")
+        device = self.sae.W_dec.device
+        extras = load_checkpoint(checkpoint, info, model=self.sae, optimizer=self.optimizer, device=device,
+                                 extras_like={"tokens_since_fired": self.tokens_since_fired})
+        self.tokens_since_fired = extras["tokens_since_fired"].to(device)
         if info.get("grad_scaler"):
             self.scaler.load_state_dict(info["grad_scaler"])
-        self.step = int(info["step"])
-        self.tokens = int(info["tokens"])
+        if info.get("log_window"):
+            window = {key[len("window."):]: value for key, value in extras.items() if key.startswith("window.")}
+            if self.ranks.main:
+                self._window.restore(info["log_window"], window)
+            else:
+                self._window.steps = int(info["log_window"]["steps"])
+        self.step, self.tokens = step, step * batch
         if self.writes:
             self._truncate_log()
-        cursors = info["loader_cursors"] if "loader_cursors" in info else [info["loader_cursor"]]
+        cursors = info["loader_cursors"]
         if len(cursors) != self.ranks.world:
             raise ConfigError(f"{checkpoint} was saved by {len(cursors)} rank(s); resume it with as many "
                               f"(torchrun --nproc_per_node {len(cursors)}), not {self.ranks.world}")
@@ -233,12 +258,28 @@ class SAETrainer:
         if any(other != digests[0] for other in digests):
             raise RuntimeError(f"{self.name}: the data-parallel ranks ended with different weights")
 
+    def remove_interrupted_writes(self) -> None:
+        """Temp files and folders of saves a kill interrupted (train runs one writer per folder)."""
+        for folder in (self.out_dir, self.checkpoint_dir, self.out_dir / "saelens", self.out_dir / "plots"):
+            if folder.is_dir():
+                remove_temporaries(folder)
+
     def _truncate_log(self) -> None:
-        """Drop log lines written after the checkpoint, so a resumed log reads as one run."""
+        """Drop log lines written after the checkpoint, and a last line a crash tore mid-append,
+        so a resumed log reads as one run."""
         if not self.log_path.is_file():
             return
-        kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        self.log_path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if (step := _logged_step(line)) is not None and step <= self.step]
+        write_text_atomically(self.log_path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a train_log.jsonl line; None for a line that is not a whole record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class _LogWindow:
@@ -273,6 +314,20 @@ class _LogWindow:
             return
         self.sums = {key: ranks.all_reduce_sum(value.clone()) / ranks.world for key, value in self.sums.items()}
         self.metrics.combine(ranks.all_reduce_sum)
+
+    def state(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        """({"steps", "rows"}, tensors) of the window so far, for a checkpoint."""
+        rows, metric_tensors = self.metrics.state()
+        tensors = {f"sum.{key}": value for key, value in self.sums.items()}
+        tensors.update({f"metrics.{key}": value for key, value in metric_tensors.items()})
+        return {"steps": self.steps, "rows": rows}, tensors
+
+    def restore(self, info: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
+        device = self.metrics.dataset_mean.device
+        self.steps = int(info["steps"])
+        self.sums = {key[len("sum."):]: value.to(device) for key, value in tensors.items() if key.startswith("sum.")}
+        self.metrics.restore(int(info["rows"]), {key[len("metrics."):]: value for key, value in tensors.items()
+                                                 if key.startswith("metrics.")})
 
     def summary(self) -> dict[str, float]:
         steps = max(self.steps, 1)

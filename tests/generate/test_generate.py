@@ -310,3 +310,38 @@ def test_a_copied_store_decodes_its_own_tokens(tmp_path, reference, lm):
     first = tokens[(doc == doc[0]) & (pos >= 0)].tolist()
     assert tokenizer.decode(first, skip_special_tokens=False) == lm.tokenizer.decode(first)
     assert tokenizer.get_vocab_size() == len(lm.tokenizer)
+
+
+def test_generate_on_a_read_only_store(tmp_path, corpus, reference):
+    """A complete store needs no writing, so no lock: confirmed as it is. An incomplete one cannot
+    be resumed there: one line naming the lock that cannot be made, and the store untouched."""
+    from store.format import write_manifest
+    from tests.processes import honour_file_modes, make_read_only
+    from tests.test_cli import run_saeflow
+
+    stores = {}
+    for kind in ("complete", "incomplete"):
+        store = tmp_path / kind / "store.zarr"
+        shutil.copytree(reference, store)
+        if kind == "incomplete":  # as a killed run leaves it: 46 full chunks committed
+            manifest = read_manifest(store)
+            manifest.update(complete=False, n_rows=46 * 64, n_chunks=46)
+            write_manifest(zarr.open_group(str(store), mode="r+"), manifest)
+        config = tmp_path / kind / "config.yaml"
+        config.write_text(json.dumps(config_dict(store, corpus)))
+        make_read_only(store.parent)
+        stores[kind] = (store, config, {p: p.read_bytes() for p in store.rglob("*") if p.is_file()})
+    try:
+        store, config, _ = stores["complete"]
+        result = run_saeflow("generate", str(config), preexec_fn=honour_file_modes)
+        assert result.returncode == 0 and "is complete (3000 rows, same config); nothing to do" in result.stderr, result.stderr
+        store, config, before = stores["incomplete"]
+        result = run_saeflow("generate", str(config), preexec_fn=honour_file_modes)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0] == (f"error: cannot create the writer lock {lock_path(store)} (Permission denied): writing store "
+                            f"{store} needs write access to {store.parent}; make it writable or write the store elsewhere")
+        assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    finally:
+        for kind in stores:
+            subprocess.run(["chmod", "-R", "u+w", str(tmp_path / kind)], check=True)

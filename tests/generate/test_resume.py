@@ -35,8 +35,9 @@ def no_tqdm_monitor():
         tqdm.tqdm.monitor = None
 
 
-def run_killed(cfg, lm, kill_at: str) -> int:
-    """generate(cfg) in a forked child killed at `kill_at`; returns the chunks it left committed."""
+def run_killed(cfg, lm, kill_at: str) -> int | None:
+    """generate(cfg) in a forked child killed at `kill_at`; returns the chunks it left committed
+    (None: it left no store at the path)."""
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest
         code = 1
@@ -48,7 +49,7 @@ def run_killed(cfg, lm, kill_at: str) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{kill_at} was never reached ({status})"
-    return read_manifest(cfg.generate.store)["n_chunks"]
+    return read_manifest(cfg.generate.store)["n_chunks"] if Path(cfg.generate.store).exists() else None
 
 
 def complete_and_compare(cfg, lm, reference: Path) -> None:
@@ -72,6 +73,18 @@ def test_one_kill_anywhere_in_a_commit_resumes_bitwise(tmp_path, corpus, lm, ref
     cfg = make_config(tmp_path / "store.zarr", corpus)
     run_killed(cfg, lm, kill_at)
     complete_and_compare(cfg, lm, reference)
+
+
+def test_a_kill_while_the_store_is_created_leaves_nothing_half_made(tmp_path, corpus, lm, reference):
+    cfg = make_config(tmp_path / "store.zarr", corpus)
+    assert run_killed(cfg, lm, "store_created:1") is None  # built beside the path, never renamed into it
+
+    def half_made():
+        return [path.name for path in tmp_path.iterdir() if path.name.startswith(".store.zarr.creating-")]
+
+    assert half_made()
+    complete_and_compare(cfg, lm, reference)  # the rerun creates the store afresh
+    assert not half_made()
 
 
 @pytest.mark.parametrize("kills", [

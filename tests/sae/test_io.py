@@ -2,14 +2,15 @@
 
 import json
 import math
+import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
-from pipeline.sae.io import export_saelens, load_sae, save_sae
+from pipeline.sae.io import SAEFileError, export_saelens, load_sae, save_sae
 
 D = 32
 D_SAE = 128
@@ -96,6 +97,47 @@ def test_load_rejects_a_directory_without_a_saeflow_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format": "other", "version": 1}))
     with pytest.raises(ValueError, match="format 'other'"):
         load_sae(tmp_path)
+
+
+def _edit_weights(directory, edit) -> None:
+    tensors = load_file(str(directory / "sae.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(directory / "sae.safetensors"))
+
+
+def _edit_config(directory, edit) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+# A saved SAE damaged or tampered with: load_sae refuses it in one line naming the file (a pickle
+# is never unpickled), instead of a SafetensorError, RuntimeError or pydantic traceback.
+DAMAGED_SAES = {
+    "pickle named sae.safetensors": (
+        lambda d: (d / "sae.safetensors").write_bytes(pickle.dumps({"W_enc": [1.0]})),
+        r"sae.safetensors is not a readable safetensors file \(Error while deserializing header"),
+    "wrong shape": (
+        lambda d: _edit_weights(d, lambda t: t.update(W_enc=t["W_enc"][:, :100].contiguous())),
+        r"does not hold the SAE of .*config.json: W_enc is float32 \(32, 100\), not float32 \(32, 128\)"),
+    "weights cast to int32": (
+        lambda d: _edit_weights(d, lambda t: t.update(W_dec=t["W_dec"].to(torch.int32))),
+        r"W_dec is int32 \(128, 32\), not float32 \(128, 32\)"),
+    "a tensor missing": (lambda d: _edit_weights(d, lambda t: t.pop("b_dec")), "b_dec is missing"),
+    "extra key in config.json": (
+        lambda d: _edit_config(d, lambda c: c["sae"].update(bogus=1)), r"config.json: unknown config key 'bogus'"),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("{sae"), r"config.json is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_SAES))
+def test_load_refuses_a_damaged_sae_in_one_line(tmp_path, case):
+    save_sae(trained_like_sae(norm_activation="inference"), tmp_path)
+    damage, message = DAMAGED_SAES[case]
+    damage(tmp_path)
+    with pytest.raises(SAEFileError, match=message) as error:
+        load_sae(tmp_path)
+    assert "\n" not in str(error.value) and f"restore {tmp_path} from a copy" in str(error.value)
 
 
 def saelens_forward(cfg: dict, weights: dict, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,13 @@ def edit_manifest(store: Path, **changes) -> None:
     (store / "zarr.json").write_text(json.dumps(meta))
 
 
+def rename_hook(store: Path, name: str) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    hooks = meta["attributes"]["saeflow"]["hook_points"]
+    hooks[name] = hooks.pop(HOOK)
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
 DAMAGE = {
     "flipped byte": flip_byte,
     "NaN written in": write_nan,
@@ -56,6 +63,9 @@ DAMAGE = {
     "array zarr.json deleted": lambda store: (store / "acts" / HOOK / "zarr.json").unlink(),
     "chunk_rows changed": lambda store: edit_manifest(store, chunk_rows=256),
     "n_rows digit changed": lambda store: edit_manifest(store, n_rows=8191),
+    # claims 10^12 rows (and the matching chunk count): refused from the metadata, no row is read
+    "n_rows set to 10^12": lambda store: edit_manifest(store, n_rows=10**12, n_chunks=10**12 // 512),
+    "hook renamed to ..": lambda store: rename_hook(store, ".."),
 }
 # What validate names for each case.
 REPORTED = {
@@ -69,6 +79,8 @@ REPORTED = {
     "array zarr.json deleted": f"acts/{HOOK}: array metadata missing or unreadable",
     "chunk_rows changed": "manifest says 16 chunks for 8192 rows of 256",
     "n_rows digit changed": f"acts/{HOOK}: 8192 rows, manifest commits 8191",
+    "n_rows set to 10^12": f"acts/{HOOK}: 8192 rows, manifest commits 1000000000000",
+    "hook renamed to ..": "acts/..: array metadata missing or unreadable",
 }
 
 
