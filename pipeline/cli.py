@@ -73,13 +73,20 @@ def _on_config(command):
 @_on_config
 def generate(cfg, overwrite, identity_file):
     """Stage 1: run the LM over the dataset and write hook activations to the store."""
+    from pipeline.distributed import launched_ranks
     from pipeline.generate.provenance import write_identity
-    from pipeline.generate.stage import generate as generate_store
 
-    path = generate_store(cfg, overwrite=overwrite).path
+    ranks = launched_ranks()
+    if ranks.distributed:  # under torchrun: each rank writes a part, rank 0 merges them into the store
+        from pipeline.generate.ranks import generate_on_ranks as generate_store
+    else:
+        from pipeline.generate.stage import generate as generate_store
+    generate_store(cfg, overwrite=overwrite)
+    if not ranks.main:
+        return
     if identity_file:
         write_identity(cfg.generate.location(), Path(identity_file))
-    click.echo(f"store: {path}")
+    click.echo(f"store: {cfg.generate.location()}")
 
 
 _allow_incomplete = click.option(

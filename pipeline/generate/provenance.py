@@ -97,8 +97,9 @@ def _mismatch(path: StoreLocation, cfg: ExperimentConfig) -> str | None:
 
 
 def create_writer(path: StoreLocation, cfg: ExperimentConfig, lm: LanguageModel, hook_dims: dict[str, int], spec: WindowSpec,
-                  lock: StoreLock | RemoteLease) -> StoreWriter:
-    """A writer of a new store at `path`, its manifest holding the provenance of `cfg` and `lm`."""
+                  lock: StoreLock | RemoteLease, extra: dict[str, Any] | None = None) -> StoreWriter:
+    """A writer of a new store at `path`, its manifest holding the provenance of `cfg` and `lm`
+    (and the `extra` keys: how several ranks made it, pipeline/generate/ranks.py)."""
     g = cfg.generate
     itemsize = numpy_dtype(g.store_dtype).itemsize
     chunk_rows = g.chunk_rows or default_chunk_rows(max(hook_dims.values()), itemsize)
@@ -117,6 +118,7 @@ def create_writer(path: StoreLocation, cfg: ExperimentConfig, lm: LanguageModel,
         "seed": g.seed,
         "target_rows": g.target_tokens,
         "config": data_config(cfg),
+        **(extra or {}),
     }
     return StoreWriter.create(
         path,

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -70,7 +71,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
         if manifest is None:
             start, first_batch, skip = WindowCursor(), 0, 0
         else:
-            start, first_batch, skip = _resume_point(manifest)
+            start, first_batch, skip, _ = resume_point(manifest)
             _say(f"resuming {path} at chunk {manifest['n_chunks']} (row {manifest['n_rows']}, document {start.doc})")
         batches = window_batches(cfg, lm, spec, start, first_batch)
         first = next(batches, None)  # an empty dataset fails here, before a store exists
@@ -82,7 +83,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
             writer = StoreWriter.open(path, queue_chunks=g.queue_chunks, lock=lock, stats_device=lm.device)
         with writer:
             save_store_tokenizer(path, lm)
-            return _write(cfg, lm, writer, _chain(first, batches), skip, resumed=manifest is not None)
+            return write_batches(cfg, writer, _chain(first, batches), skip, manifest is not None, LMRows(lm, list(g.hook_points)))
 
 
 def _nothing_to_do(path: StoreLocation, manifest: dict) -> GenerateResult:
@@ -90,15 +91,37 @@ def _nothing_to_do(path: StoreLocation, manifest: dict) -> GenerateResult:
     return GenerateResult(path.local or str(path), manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
 
 
-def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batches: Iterator[Batch], skip: int, resumed: bool) -> GenerateResult:
-    """The batch loop: forward, keep rows, hand them to the writer; complete the store at the end."""
+class LMRows:
+    """A batch's kept rows from the LM's forward pass (its time and tokens counted for GenerateResult)."""
+
+    def __init__(self, lm: LanguageModel, hooks: list[str]):
+        self.lm, self.hooks = lm, hooks
+        self.seconds, self.tokens = 0.0, 0
+
+    def __call__(self, batch: Batch, keep: np.ndarray) -> dict[str, torch.Tensor]:
+        mask = None if batch.attention_mask is None else torch.from_numpy(batch.attention_mask)
+        began = time.perf_counter()
+        acts = self.lm.run_hooks(torch.from_numpy(batch.tokens), self.hooks, attention_mask=mask)
+        self.seconds += time.perf_counter() - began
+        self.tokens += batch.tokens.size
+        index = torch.from_numpy(keep).to(self.lm.device)
+        return {hook: act.reshape(-1, act.shape[-1]).index_select(0, index) for hook, act in acts.items()}
+
+
+def write_batches(cfg: ExperimentConfig, writer: StoreWriter, batches: Iterator[Batch], skip: int, resumed: bool, rows_of,
+           *, owns=None, rows: int | None = None, tag_rows: bool = False, show: bool = True) -> GenerateResult:
+    """The batch loop: keep rows, take their activations from `rows_of(batch, keep)` (LMRows, or
+    a rank's part: pipeline/generate/ranks.py), hand them to the writer; complete the store at the end.
+
+    owns(batch index): whether this store takes the batch (None: every batch); the others count
+    towards the target only. rows: rows of all batches before the first one (default: the
+    writer's); tag_rows: cursors also record them, so a rank's part knows them when it resumes."""
     g = cfg.generate
-    hooks = list(g.hook_points)
     delay = float(os.environ.get(BATCH_DELAY_ENV, "0") or 0)
-    rows_before = rows = writer.rows_accepted
-    forwarded, forward_seconds = 0, 0.0
+    rows_before = rows = writer.rows_accepted if rows is None else rows
     began = time.perf_counter()
-    bar = tqdm(total=g.target_tokens, initial=rows, unit="tok", unit_scale=True, desc="generate", dynamic_ncols=True)
+    bar = tqdm(total=g.target_tokens, initial=rows, unit="tok", unit_scale=True, desc="generate", dynamic_ncols=True,
+               disable=not show)
     try:
         for batch in batches:
             if rows >= g.target_tokens:
@@ -107,35 +130,34 @@ def _write(cfg: ExperimentConfig, lm: LanguageModel, writer: StoreWriter, batche
             stored_of_batch, skip = skip, 0  # rows of this batch an interrupted run already stored
             if not len(keep):
                 continue  # every row of this batch is already stored (resume at a batch's end)
-            mask = None if batch.attention_mask is None else torch.from_numpy(batch.attention_mask)
-            forward_began = time.perf_counter()
-            acts = lm.run_hooks(torch.from_numpy(batch.tokens), hooks, attention_mask=mask)
-            forward_seconds += time.perf_counter() - forward_began
-            forwarded += batch.tokens.size
-            index = torch.from_numpy(keep).to(lm.device)
-            selected = {hook: act.reshape(-1, act.shape[-1]).index_select(0, index) for hook, act in acts.items()}
-            label = f"batch {batch.index} (documents {int(batch.doc.min())}-{int(batch.doc.max())})"
-            writer.put(
-                selected,
-                batch.tokens.reshape(-1)[keep],
-                batch.doc.reshape(-1)[keep],
-                batch.pos.reshape(-1)[keep],
-                cursor=batch.cursor(),
-                label=label,
-                rows_before=stored_of_batch,
-            )
+            if owns is None or owns(batch.index):
+                cursor = batch.cursor()
+                if tag_rows:
+                    cursor["rows_before"] = rows - stored_of_batch
+                label = f"batch {batch.index} (documents {int(batch.doc.min())}-{int(batch.doc.max())})"
+                writer.put(
+                    rows_of(batch, keep),
+                    batch.tokens.reshape(-1)[keep],
+                    batch.doc.reshape(-1)[keep],
+                    batch.pos.reshape(-1)[keep],
+                    cursor=cursor,
+                    label=label,
+                    rows_before=stored_of_batch,
+                )
+                if delay:
+                    time.sleep(delay)
             rows += len(keep)
             bar.update(len(keep))
-            if delay:
-                time.sleep(delay)
         writer.close(complete=True)
     finally:
         bar.close()
     seconds = time.perf_counter() - began
     ended = "target reached" if rows >= g.target_tokens else "data exhausted"
     stored = writer.manifest
-    _say(f"store {writer.path}: {stored.n_rows} rows in {stored.n_chunks} chunks ({ended})")
-    return GenerateResult(writer.path.local or str(writer.path), stored.n_rows, rows - rows_before, forwarded, seconds, forward_seconds, resumed, False)
+    if show:
+        _say(f"store {writer.path}: {stored.n_rows} rows in {stored.n_chunks} chunks ({ended})")
+    return GenerateResult(writer.path.local or str(writer.path), stored.n_rows, rows - rows_before,
+                          getattr(rows_of, "tokens", 0), seconds, getattr(rows_of, "seconds", 0.0), resumed, False)
 
 
 def window_batches(cfg: ExperimentConfig, lm: LanguageModel, spec: WindowSpec, start: WindowCursor = WindowCursor(), first_batch: int = 0) -> Iterator[Batch]:
@@ -177,13 +199,15 @@ def window_spec(cfg: ExperimentConfig, lm: LanguageModel) -> WindowSpec:
     return WindowSpec(g.context_size, g.prepend_bos, g.pack, lm.bos_id, lm.eos_id, pad_id)
 
 
-def _resume_point(manifest: dict) -> tuple[WindowCursor, int, int]:
-    """(window cursor, batch number, rows of that batch already stored) after the last commit."""
+def resume_point(manifest: dict) -> tuple[WindowCursor, int, int, int]:
+    """(window cursor, batch number, rows of that batch already stored, rows of every batch
+    before it) after the last commit; the last: the store's rows, unless the cursor says (a part)."""
     cursor = manifest.get("cursor")
     if not cursor:
-        return WindowCursor(), 0, 0
-    batch = cursor["batch"]
-    return WindowCursor(int(batch["doc"]), int(batch["offset"])), int(batch["batch"]), int(cursor["rows_into_batch"])
+        return WindowCursor(), 0, 0, 0
+    batch, skip = cursor["batch"], int(cursor["rows_into_batch"])
+    before = int(batch.get("rows_before", int(manifest["n_rows"]) - skip))
+    return WindowCursor(int(batch["doc"]), int(batch["offset"])), int(batch["batch"]), skip, before
 
 
 def _say(message: str) -> None:

@@ -19,15 +19,16 @@ from tests.test_cli import REPO, run_saeflow, saeflow
 CHECKPOINTS = ["--set", "train.checkpoint_every_tokens=2048"]
 
 
-def torchrun(*args: str, cwd: Path, nproc: int = 2, wait: bool = True):
+def torchrun(*args: str, cwd: Path, nproc: int = 2, wait: bool = True, check: bool = True, env_extra: dict | None = None):
+    """`torchrun --standalone --nproc_per_node N -m pipeline.cli ARGS` (the README's command)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pipeline.cli", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if not wait:
         return subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
 
