@@ -59,7 +59,9 @@ class SAETrainer:
             sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
         forward = sae
         if ranks.distributed:  # DDP broadcasts rank 0's parameters and buffers, then averages gradients
-            forward = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
+            # gradients live in DDP's buckets: no copy between the all-reduce and the optimizer
+            forward = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None,
+                                                                gradient_as_bucket_view=True)
         # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
         self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
         self._window = self._new_window()
