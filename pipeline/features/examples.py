@@ -30,7 +30,7 @@ class ExampleContexts:
     latents: np.ndarray  # (E,)
     rows: np.ndarray  # (E,) the example rows
     bounds: ContextBounds
-    columns: Columns  # tokens/doc/pos of the rows around them
+    columns: Columns | None  # tokens/doc/pos of the rows around them (None without examples)
     activations: list[np.ndarray]  # per example, its latent on each row of its context
 
 
@@ -38,6 +38,8 @@ class ExampleContexts:
 def example_contexts(sae: SparseAutoencoder, reader: StoreReader, latents: np.ndarray, rows: np.ndarray, width: int,
                      batch_size: int = 4096) -> ExampleContexts:
     latents, rows = np.asarray(latents, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:  # no latent fired
+        return ExampleContexts(latents, rows, ContextBounds(rows, rows, [], []), None, [])
     bounds, columns = context_bounds(WindowLayout.of(reader.manifest), reader, rows, width)
     lengths = bounds.stop - bounds.first
     starts = np.cumsum(lengths) - lengths
@@ -52,14 +54,15 @@ def _pair_activations(sae: SparseAutoencoder, reader: StoreReader, rows: np.ndar
                       keys: np.ndarray, batch_size: int) -> np.ndarray:
     """The activation of each (row * d_sae + latent) in `keys` (0 where it does not fire)."""
     hook, device = sae.cfg.hook_point_in, sae.W_dec.device
-    wanted_t = torch.from_numpy(wanted).to(device)
+    wanted_t = torch.from_numpy(wanted).to(device)  # sorted (np.unique): a binary search per firing
     found_keys, found_values = [], []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         _, out = sae(sae.normalize_input(read_rows(reader, hook, batch).to(device)))
         in_batch, latents, values = firings(out)
         pair = torch.from_numpy(batch).to(device)[in_batch] * sae.cfg.d_sae + latents
-        keep = torch.isin(pair, wanted_t)
+        at = torch.searchsorted(wanted_t, pair).clamp_(max=len(wanted) - 1)
+        keep = wanted_t[at] == pair
         found_keys.append(pair[keep].cpu())
         found_values.append(values[keep].cpu())
     found = torch.cat(found_keys).numpy() if found_keys else np.zeros(0, dtype=np.int64)

@@ -106,6 +106,8 @@ def _pairs(ids, values, used: set[int]) -> list[list]:
 
 def _segments(contexts: ExampleContexts) -> list[dict[str, Any]]:
     """Runs of consecutive rows covering every context, with their tokens, documents and positions."""
+    if contexts.columns is None:
+        return []
     order = np.argsort(contexts.bounds.first, kind="stable")
     runs: list[list[int]] = []
     for first, stop in zip(contexts.bounds.first[order], contexts.bounds.stop[order]):

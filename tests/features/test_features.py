@@ -17,12 +17,13 @@ from pipeline.features.examples import top_examples
 from pipeline.features.scan import split_rows
 from pipeline.features.stage import features
 from pipeline.generate.lm import load_language_model
-from pipeline.sae.io import load_sae
+from pipeline.sae.io import load_sae, save_sae
 from pipeline.sae.metrics import heldout_metrics
 from store.format import read_manifest, write_manifest
 from store.loader import ActivationLoader
 from store.reader import StoreReader
 from store.split_moments import store_moments
+from tests.test_cli import run_saeflow
 
 
 def brute_force(run, split: str, batch_size: int) -> tuple[int, np.ndarray]:
@@ -176,3 +177,22 @@ def test_encoders_get_a_reason_instead_of_logit_effects(features_run, tmp_path):
     assert "minilm is not a causal language model" in report["logit_effects_skipped"]
     assert not any("promoted" in entry for entry in report["latents"])
     assert all(len(entry["top"]) <= 2 for entry in report["latents"])
+
+
+def test_an_sae_that_never_fires_gets_a_report_without_examples(features_run, tmp_path):
+    sae = load_sae(f"{features_run.cfg.train.out_dir}/sae")
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)
+    save_sae(sae, tmp_path / "sae")
+    cfg = features_run.cfg.model_copy(update={"train": features_run.cfg.train.model_copy(update={"out_dir": str(tmp_path)})})
+    report = json.loads((features(cfg)["sae"] / "features.json").read_text())
+    assert report["summary"]["dead_latents"] == len(report["latents"]) == sae.cfg.d_sae
+    assert all(entry["fires"] == 0 and entry["top"] == [] and entry["mean_activation"] is None for entry in report["latents"])
+    assert report["segments"] == [] and top_examples(sae, cfg.generate.store, 0, heldout_chunks=2) == []
+
+
+def test_features_before_train_is_one_error_line(features_run):
+    result = run_saeflow("features", "tiny.yaml", "--set", "train.out_dir=results/none", cwd=features_run.work)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: no trained SAE in results/none/sae") and "saeflow train" in lines[0]
