@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +13,12 @@ import pytest
 from pipeline.features.dashboard import render_dashboard
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+
+
+def top_token(report: dict, row: int) -> str:
+    """The text of a store row's token, from the report's segments."""
+    segment = next(s for s in report["segments"] if s["first_row"] <= row < s["first_row"] + len(s["tokens"]))
+    return report["tokens"][str(segment["tokens"][row - segment["first_row"]])]
 
 
 def rendered_dom(page, latent: int) -> str:
@@ -40,9 +47,7 @@ def test_token_text_cannot_end_the_data_element():
 def test_chromium_shows_the_latent_count_and_example_text(features_run):
     report = features_run.train
     latent = max(range(len(report["latents"])), key=lambda j: report["latents"][j]["fires"])
-    top = report["latents"][latent]["top"][0]
-    segment = next(s for s in report["segments"] if s["first_row"] <= top["row"] < s["first_row"] + len(s["tokens"]))
-    token = report["tokens"][str(segment["tokens"][top["row"] - segment["first_row"]])]
+    token = top_token(report, report["latents"][latent]["top"][0]["row"])
 
     dom = rendered_dom(features_run.dashboard, latent)
 
@@ -54,3 +59,30 @@ def test_chromium_shows_the_latent_count_and_example_text(features_run):
     shown = re.search(r'<span class="tok self"[^>]*>([^<]*)</span>', dom)  # the first example's own token, shaded
     assert shown and shown.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">") == token.replace("\n", "\u21b5")
     assert "promoted" in text and "suppressed" in text and "Not shown:" not in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (.ci/run installs it)")
+def test_chromium_sorts_by_frequency_and_searches_token_text(features_run, tmp_path):
+    """Clicks the frequency column and types into the search box (a script appended to a copy of
+    the page does what a reader would), then reads the table the page drew."""
+    report = features_run.train
+    by_frequency = sorted(report["latents"], key=lambda entry: (-entry["frequency"], entry["latent"]))
+    words = (top_token(report, entry["top"][0]["row"]).strip() for entry in report["latents"] if entry["top"])
+    word = next(w for w in words if w.isalpha() and len(w) >= 3)  # some latent's top token
+    actions = """<script>
+      document.querySelector('th[data-key="frequency"]').click();
+      var rows = document.querySelectorAll("#rows tr");
+      document.body.setAttribute("data-sorted", [0, 1, 2].map(function (i) { return rows[i].getAttribute("data-latent"); }).join(","));
+      var box = document.getElementById("search"); box.value = %s; box.dispatchEvent(new Event("input"));
+      document.body.setAttribute("data-found", document.querySelectorAll("#rows tr").length);
+    </script></body>""" % json.dumps(word)
+    page = tmp_path / "index.html"
+    page.write_text(features_run.dashboard.read_text().replace("</body>", actions))
+
+    dom = rendered_dom(page, 0)
+
+    sorted_rows = re.search(r'data-sorted="([\d,]+)"', dom).group(1)
+    assert sorted_rows == ",".join(str(entry["latent"]) for entry in by_frequency[:3])
+    found = int(re.search(r'data-found="(\d+)"', dom).group(1))
+    assert 0 < found < len(report["latents"])  # the word is some latents' example token, not every latent's
+    assert f"{found} of {len(report['latents'])} latents" in dom
