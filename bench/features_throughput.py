@@ -5,8 +5,8 @@ TopK one (k=32, expansion 4 by default: d_sae 3072, the offline default's latent
 random weights. Measured, each the best of --repeats rounds:
 - loader: ActivationLoader in store order (shuffle=False), float32 batches: what features reads;
 - loader + SAE: plus the SAE's forward on every batch: the floor of any per-latent analysis;
-- features: pipeline.features.scan.scan with LatentStats at the default features settings and
-  evaluate's reconstruction metrics: what `saeflow features` does per row.
+- features: pipeline.features.scan.scan with LatentStats at the default features settings: what
+  `saeflow features` does per row.
 On a CPU the SAE's encoder matmul (2 * d_model * d_sae flops per row) dominates, so features is
 far below the loader's read rate there; the cost of the statistics themselves is the ratio of
 features to loader + SAE, the last line (goal >= 0.8). The per-example work after the pass
@@ -34,7 +34,6 @@ from pipeline.features.config import FeaturesConfig  # noqa: E402
 from pipeline.features.scan import scan  # noqa: E402
 from pipeline.features.stats import LatentStats  # noqa: E402
 from pipeline.sae.config import SAEConfig  # noqa: E402
-from pipeline.sae.metrics import ReconstructionMetrics  # noqa: E402
 from pipeline.sae.model import SparseAutoencoder  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.reader import StoreReader  # noqa: E402
@@ -62,8 +61,7 @@ def features_pass(reader: StoreReader, sae: SparseAutoencoder, batch_size: int) 
     settings = FeaturesConfig()
     stats = LatentStats(sae.cfg.d_sae, top_n=settings.top_examples, sample_n=settings.interval_examples,
                         bins=settings.histogram_bins, intervals=settings.intervals, seed=settings.seed)
-    metrics = ReconstructionMetrics(torch.zeros(D, dtype=torch.float64), sae.cfg.d_sae)
-    scan(sae, reader, stats, split="train", heldout_chunks=0, batch_size=batch_size, metrics=metrics)
+    scan(sae, reader, stats, split="train", heldout_chunks=0, batch_size=batch_size)
     return stats.rows
 
 

@@ -4,59 +4,75 @@ The one selection behind the feature statistics: the top-N rows of a latent are 
 keys -activation; a uniform sample of n firings of a histogram bin is its n smallest random keys
 (bottom-k sampling: with i.i.d. uniform keys the n smallest are a uniform n-subset, and the n
 smallest of a union of bins are among the union of each bin's n smallest, so bins merge
-exactly). Each group's slots stay sorted by key, so slot n - 1 is the bar a new entry must pass;
-after the first batches almost nothing passes it and an offer costs one comparison per entry.
+exactly).
+
+Amortized: an offered entry is kept if its key beats its group's bar (the n-th smallest key at
+the last compaction, +inf while the group holds fewer), which after the first batches almost
+none does; kept entries wait in a list, and once they outnumber the groups' n slots one sort by
+(group, key) keeps each group's n smallest and lowers the bars. Ties go to the entry offered
+first. Groups that are a function of the entry (a histogram bin of its value) may be redrawn
+between offers: `regroup` recomputes every entry's group at each compaction, and whoever redraws
+them resets the bars of the groups concerned to +inf (always safe: a bar only saves work).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+_MIN_PENDING = 1 << 16  # entries waiting before a compaction, at least
+
 
 class BottomN:
-    def __init__(self, groups: int, n: int, device: torch.device | str = "cpu"):
-        self.n = n
-        self.keys = torch.full((groups, n), float("inf"), device=device)
-        self.rows = torch.full((groups, n), -1, dtype=torch.int64, device=device)
-        self.values = torch.zeros((groups, n), device=device)
+    def __init__(self, groups: int, n: int, device: torch.device | str = "cpu",
+                 regroup: Callable[[Tensor, Tensor], Tensor] | None = None):
+        self.n, self.groups, self.regroup = n, groups, regroup
+        self.bar = torch.full((groups,), float("inf"), device=device)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        self._kept = (empty, torch.zeros(0, device=device), empty, torch.zeros(0, device=device))  # sorted by (group, key)
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self._pending_rows = 0
 
     def offer(self, groups: Tensor, keys: Tensor, rows: Tensor, values: Tensor) -> None:
-        """Entries (group, key, row, value), 1-D each; each group keeps its n smallest keys (ties:
-        the entry offered first)."""
+        """Entries (group, key, row, value), 1-D each; each group keeps its n smallest keys."""
         if self.n == 0 or groups.numel() == 0:
             return
-        passes = keys < self.keys[groups, -1]
+        passes = keys < self.bar[groups]
         if not bool(passes.any()):
             return
-        groups, keys, rows, values = groups[passes], keys[passes], rows[passes], values[passes]
-        order = torch.argsort(keys, stable=True)
-        order = order[torch.argsort(groups[order], stable=True)]  # by group, then key
-        groups, keys, rows, values = groups[order], keys[order], rows[order], values[order]
-        rank = torch.arange(groups.numel(), device=groups.device) - torch.searchsorted(groups, groups)
-        within = rank < self.n
-        groups, keys, rows, values, rank = groups[within], keys[within], rows[within], values[within], rank[within]
-        touched, slot = torch.unique_consecutive(groups, return_inverse=True)
-        new = [torch.full((touched.numel(), self.n), fill, dtype=like.dtype, device=like.device)
-               for fill, like in ((float("inf"), self.keys), (-1, self.rows), (0, self.values))]
-        for table, entries in zip(new, (keys, rows, values)):
-            table[slot, rank] = entries
-        merged = [torch.cat([old[touched], fresh], dim=1) for old, fresh in zip((self.keys, self.rows, self.values), new)]
-        best = torch.argsort(merged[0], dim=1, stable=True)[:, : self.n]  # stable: kept entries win ties
-        for old, table in zip((self.keys, self.rows, self.values), merged):
-            old[touched] = table.gather(1, best)
+        self._pending.append((groups[passes], keys[passes].float(), rows[passes], values[passes].float()))
+        self._pending_rows += self._pending[-1][0].numel()
+        if self._pending_rows > max(self.groups * self.n, _MIN_PENDING):
+            self._compact()
 
-    def pop(self, groups: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(group, key, row, value) of the filled slots of `groups`, which are emptied."""
-        keys, rows, values = self.keys[groups], self.rows[groups], self.values[groups]
-        filled = torch.isfinite(keys)
-        owner = groups[:, None].expand_as(keys)[filled]
-        self.keys[groups] = float("inf")
-        self.rows[groups] = -1
-        self.values[groups] = 0
-        return owner, keys[filled], rows[filled], values[filled]
+    def _compact(self) -> None:
+        if not self._pending:
+            return
+        group, key, row, value = (torch.cat(parts) for parts in zip(self._kept, *self._pending))
+        self._pending, self._pending_rows = [], 0
+        if self.regroup is not None:
+            group = self.regroup(group, value)
+        order = torch.argsort(_sort_key(group, key), stable=True)  # kept entries come first: they win ties
+        group, key, row, value = group[order], key[order], row[order], value[order]
+        rank = torch.arange(group.numel(), device=group.device) - torch.searchsorted(group, group)
+        keep = rank < self.n
+        self._kept = group, key, row, value = group[keep], key[keep], row[keep], value[keep]
+        full = rank[keep] == self.n - 1
+        self.bar[group[full]] = key[full]
 
     def entries(self, group: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(keys, rows, values) of one group's filled slots, smallest key first."""
-        filled = torch.isfinite(self.keys[group])
-        return self.keys[group][filled], self.rows[group][filled], self.values[group][filled]
+        """(keys, rows, values) of one group's entries, smallest key first."""
+        self._compact()
+        groups, key, row, value = self._kept
+        start, stop = (int(i) for i in torch.searchsorted(groups, torch.tensor([group, group + 1], device=groups.device)))
+        return key[start:stop], row[start:stop], value[start:stop]
+
+
+def _sort_key(group: Tensor, key: Tensor) -> Tensor:
+    """int64 ordered by (group, key): the float32 key's bits made order-preserving as unsigned."""
+    bits = key.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    negative = bits >= 0x80000000
+    bits = torch.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return group * (1 << 32) + bits

@@ -12,7 +12,6 @@ import torch
 from tqdm import tqdm
 
 from pipeline.features.stats import LatentStats, firings
-from pipeline.sae.metrics import ReconstructionMetrics, squared_error
 from pipeline.sae.model import SparseAutoencoder
 from store.loader import ActivationLoader
 from store.reader import Split, StoreReader
@@ -28,16 +27,14 @@ def split_rows(reader: StoreReader, split: Split, heldout_chunks: int) -> tuple[
 
 @torch.no_grad()
 def scan(sae: SparseAutoencoder, reader: StoreReader, stats: LatentStats, *, split: Split = "heldout",
-         heldout_chunks: int = 1, batch_size: int = 4096, max_rows: int | None = None,
-         metrics: ReconstructionMetrics | None = None, num_workers: int = 1, prefetch_batches: int = 4,
-         desc: str | None = None) -> LatentStats:
-    """Feed up to max_rows rows of the split to `stats` (and to `metrics`, in the raw units of
-    hook_point_out, as evaluate measures them)."""
+         heldout_chunks: int = 1, batch_size: int = 4096, max_rows: int | None = None, num_workers: int = 1,
+         prefetch_batches: int = 4, desc: str | None = None) -> LatentStats:
+    """Feed the latents of up to max_rows rows of the split to `stats`."""
     cfg = sae.cfg
     first, rows = split_rows(reader, split, heldout_chunks)
     rows = rows if max_rows is None else min(rows, max_rows)
     loader = ActivationLoader(
-        reader, [cfg.hook_point_in, cfg.hook_point_out], batch_size=batch_size, split=split, shuffle=False,
+        reader, cfg.hook_point_in, batch_size=batch_size, split=split, shuffle=False,
         heldout_chunks=heldout_chunks, dtype=torch.float32, device=sae.W_dec.device, max_rows=rows,
         num_workers=num_workers, prefetch_batches=prefetch_batches,
     )
@@ -46,10 +43,8 @@ def scan(sae: SparseAutoencoder, reader: StoreReader, stats: LatentStats, *, spl
     row = first
     batches = tqdm(loader, total=-(-rows // batch_size), unit="batch", desc=desc, dynamic_ncols=True, disable=desc is None)
     for batch in batches:
-        x_in, x_out = batch[cfg.hook_point_in], batch[cfg.hook_point_out]
-        x_hat, out = sae(sae.normalize_input(x_in))
-        if metrics is not None:
-            metrics.update(x_out.double(), squared_error(x_out, sae.denormalize_output(x_hat, x_in)), out)
+        x_in = batch[cfg.hook_point_in]
+        _, out = sae(sae.normalize_input(x_in))
         in_batch, latents, values = firings(out)
         stats.update(in_batch + row, latents, values, x_in.shape[0])
         row += x_in.shape[0]

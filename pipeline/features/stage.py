@@ -1,9 +1,9 @@
 """`saeflow features`: what each latent of every trained SAE of a config means, from its store.
 
 For each variant (sweep_variants) in <train.out_dir>/<name>/, one pass over the rows of
-features.split (scan.py: statistics, top and interval examples, and evaluate's reconstruction
-metrics on the same rows), a second, small one over the examples' context rows (examples.py),
-the decoder directions' logit effects for causal LMs (logits.py), then
+features.split (scan.py: statistics, top and interval examples), a second, small one over the
+examples' context rows (examples.py), the decoder directions' logit effects for causal LMs
+(logits.py), then
 <train.out_dir>/<name>/features/features.json (report.py; docs/features.md) and index.html
 (dashboard.py), both written atomically.
 """
@@ -26,10 +26,8 @@ from pipeline.features.stats import LatentStats
 from pipeline.files import write_text_atomically
 from pipeline.generate.lm import LanguageModel, load_language_model
 from pipeline.sae.io import load_sae
-from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SparseAutoencoder
 from store.reader import Split, StoreReader
-from store.split_moments import store_moments
 
 FEATURES_DIR = "features"
 REPORT_FILE = "features.json"
@@ -51,7 +49,7 @@ def features(cfg: ExperimentConfig, *, split: Split | None = None, lm: LanguageM
         _say(f"logit effects skipped: {w_u}")
     written = {}
     for name, sae in saes.items():
-        stats, metrics = _statistics(name, sae, reader, cfg, settings)
+        stats = _statistics(name, sae, reader, cfg, settings)
         picked = Picked.of(stats)
         contexts = example_contexts(sae, reader, *picked.example_rows(), settings.context_tokens, settings.batch_size)
         header = {
@@ -62,7 +60,7 @@ def features(cfg: ExperimentConfig, *, split: Split | None = None, lm: LanguageM
             "split": settings.split,
             "first_row": first_row,
             "settings": settings.model_dump(mode="json", exclude={"split"}),
-            "summary": metrics.result(),
+            "summary": stats.summary(),
         }
         logits = w_u if isinstance(w_u, str) else logit_effects(sae, w_u, settings.logit_tokens)
         report = build_report(header, sae, stats, picked, contexts, logits, tokenizer)
@@ -78,16 +76,13 @@ def features(cfg: ExperimentConfig, *, split: Split | None = None, lm: LanguageM
 
 
 def _statistics(name: str, sae: SparseAutoencoder, reader: StoreReader, cfg: ExperimentConfig,
-                settings: FeaturesConfig) -> tuple[LatentStats, ReconstructionMetrics]:
-    hook_out = sae.cfg.hook_point_out
-    mean = store_moments(reader, hook_out, heldout_chunks=cfg.loader.heldout_chunks, track_covariance=False).mean
-    metrics = ReconstructionMetrics(mean.double(), sae.cfg.d_sae)
+                settings: FeaturesConfig) -> LatentStats:
     stats = LatentStats(sae.cfg.d_sae, top_n=settings.top_examples, sample_n=settings.interval_examples,
                         bins=settings.histogram_bins, intervals=settings.intervals, seed=settings.seed, device=sae.W_dec.device)
     scan(sae, reader, stats, split=settings.split, heldout_chunks=cfg.loader.heldout_chunks, batch_size=settings.batch_size,
-         max_rows=settings.n_tokens, metrics=metrics, num_workers=cfg.loader.num_workers,
+         max_rows=settings.n_tokens, num_workers=cfg.loader.num_workers,
          prefetch_batches=cfg.loader.prefetch_batches, desc=f"features {name}")
-    return stats, metrics
+    return stats
 
 
 def _unembedding(cfg: ExperimentConfig, settings: FeaturesConfig, reader: StoreReader,

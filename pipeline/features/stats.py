@@ -7,7 +7,8 @@ rows, and a uniform sample of N of its firings from each of a few activation qua
 Histogram: `bins` equal bins over [0, scale), scale a power of two above the latent's max
 (None of it is known before the pass). When a batch passes the scale, it doubles as often as
 needed and bins merge (bin b becomes b >> shift): counts stay exact, and so do the samples,
-which are kept per bin (bottom_n.py) and merge with their bins. The bin edges b * scale / bins
+which are kept per bin (bottom_n.py) and merge with their bins (each sample's bin is
+recomputed from its value at the selection's next compaction). The bin edges b * scale / bins
 are exact in float for power-of-two `bins`. After the pass, quantile intervals are runs of bins
 holding about 1/intervals of the latent's firings each (a bin is never split), and each
 interval's sample is the N smallest keys of its bins' samples.
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pipeline.features.bottom_n import BottomN
+from pipeline.sae.metrics import DENSE_FREQUENCY
 from pipeline.sae.model import SAEOutput
 
 
@@ -54,7 +56,7 @@ class LatentStats:
         self.scale = torch.zeros(d_sae, dtype=torch.float64, device=device)  # 0: never fired
         self.histogram = torch.zeros(d_sae, bins, dtype=torch.int64, device=device)
         self.top = BottomN(d_sae, top_n, device)  # key: -activation
-        self.samples = BottomN(d_sae * bins, sample_n, device)  # group: latent * bins + bin; key: uniform
+        self.samples = BottomN(d_sae * bins, sample_n, device, regroup=self._current_group)  # group: latent * bins + bin; key: uniform
         self._generator = torch.Generator(device).manual_seed(seed)
 
     @torch.no_grad()
@@ -76,6 +78,10 @@ class LatentStats:
     def bin_of(self, latents: Tensor, values: Tensor) -> Tensor:
         return (values.double() * self.bins / self.scale[latents]).long().clamp_(max=self.bins - 1)
 
+    def _current_group(self, group: Tensor, value: Tensor) -> Tensor:
+        latent = group // self.bins
+        return latent * self.bins + self.bin_of(latent, value)
+
     def _grow(self, batch_max: Tensor) -> None:
         """Raise the scale of every latent whose batch max reaches it, merging its bins."""
         grows = batch_max.double() >= self.scale
@@ -91,16 +97,17 @@ class LatentStats:
         old = self.histogram[latents]
         merged = torch.arange(self.bins, device=old.device)[None, :] >> shift[:, None]
         self.histogram[latents] = torch.zeros_like(old).scatter_add_(1, merged, old)
-        rebinned = latents[had & (shift > 0)]
-        if rebinned.numel():
-            groups = (rebinned[:, None] * self.bins + torch.arange(self.bins, device=old.device)).flatten()
-            group, keys, rows, values = self.samples.pop(groups)
-            owner = group // self.bins
-            self.samples.offer(owner * self.bins + self.bin_of(owner, values), keys, rows, values)
+        self.samples.bar.view(self.d_sae, self.bins)[latents[had & (shift > 0)]] = float("inf")  # their bins merged
 
     # --- results --------------------------------------------------------------------------
     def frequency(self) -> Tensor:
         return self.count.double().cpu() / max(self.rows, 1)
+
+    def summary(self) -> dict[str, float | int]:
+        """L0 and dead/dense latents over the rows seen, as evaluate defines them."""
+        frequency = self.frequency()
+        return {"l0": float(frequency.sum()), "dead_latents": int((frequency == 0).sum()),
+                "dense_latents": int((frequency > DENSE_FREQUENCY).sum()), "rows": self.rows}
 
     def mean_activation(self) -> Tensor:
         """(d_sae,) mean activation over the rows where the latent fires (NaN where it never does)."""

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.features import bottom_n
 from pipeline.features.bottom_n import BottomN
 from pipeline.features.stats import LatentStats
 
 
-def test_bottom_n_keeps_each_groups_smallest_keys_over_many_offers():
+@pytest.mark.parametrize("pending", [16, bottom_n._MIN_PENDING])  # compacting mid-stream, and only at the end
+def test_bottom_n_keeps_each_groups_smallest_keys_over_many_offers(monkeypatch, pending):
+    monkeypatch.setattr(bottom_n, "_MIN_PENDING", pending)
     rng = np.random.default_rng(0)
     groups, n = 7, 4
     group = rng.integers(0, groups, 3000)
