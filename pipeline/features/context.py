@@ -73,25 +73,24 @@ class WindowLayout:
 
 
 class Columns:
-    """tokens/doc/pos of the chunks holding some rows (whole chunks: they are small and verified)."""
+    """tokens/doc/pos of some store rows: each chunk holding any is read (verified) once and only
+    those rows are kept, so memory follows the examples, not the store."""
 
     def __init__(self, reader: StoreReader, rows: np.ndarray):
-        self.chunk_rows = reader.chunk_rows
-        chunks = np.unique(rows // self.chunk_rows)
-        self._base = np.full(reader.n_chunks, -1, dtype=np.int64)  # chunk -> its offset in _data
-        self._base[chunks] = np.arange(len(chunks)) * self.chunk_rows
-        self._data = {name: np.concatenate([_padded(reader.read_chunk(name, int(c)), self.chunk_rows) for c in chunks])
-                      for name in COLUMNS}
+        self.rows = np.unique(rows)
+        chunk_rows = reader.chunk_rows
+        chunks = np.unique(self.rows // chunk_rows)
+        bounds = np.searchsorted(self.rows, np.append(chunks, chunks[-1] + 1) * chunk_rows) if len(chunks) else []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
+        for chunk, start, stop in zip(chunks, bounds[:-1], bounds[1:]):
+            local = self.rows[start:stop] - chunk * chunk_rows
+            for name in COLUMNS:
+                parts[name].append(np.asarray(reader.read_chunk(name, int(chunk)))[local].astype(np.int64))
+        self._data = {name: np.concatenate(parts[name]) if chunks.size else np.zeros(0, dtype=np.int64) for name in COLUMNS}
 
     def __getitem__(self, key: tuple[str, np.ndarray]) -> np.ndarray:
         name, rows = key
-        return self._data[name][self._base[rows // self.chunk_rows] + rows % self.chunk_rows]
-
-
-def _padded(array: np.ndarray, rows: int) -> np.ndarray:
-    out = np.zeros(rows, dtype=np.int64)
-    out[: len(array)] = array
-    return out
+        return self._data[name][np.searchsorted(self.rows, rows)]
 
 
 @dataclass

@@ -196,3 +196,16 @@ def test_features_before_train_is_one_error_line(features_run):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: no trained SAE in results/none/sae") and "saeflow train" in lines[0]
+
+
+def test_every_variant_of_a_sweep_gets_its_features(features_run, tmp_path):
+    for name in ("k8", "wide"):
+        shutil.copytree(f"{features_run.cfg.train.out_dir}/sae", tmp_path / name, ignore=shutil.ignore_patterns("checkpoints", "features"))
+    cfg = features_run.cfg.model_copy(update={"train": features_run.cfg.train.model_copy(
+        update={"out_dir": str(tmp_path), "sweep": [{"name": "k8"}, {"name": "wide"}]})})
+    written = features(cfg)
+    assert sorted(written) == ["k8", "wide"]
+    for name, directory in written.items():
+        assert directory == tmp_path / name / "features" and (directory / "index.html").is_file()
+        report = json.loads((directory / "features.json").read_text())
+        assert report["variant"] == name and report["latents"] == features_run.heldout["latents"]
