@@ -1,4 +1,4 @@
-"""`saeflow` command line: generate, train, evaluate, inspect, validate, config.
+"""`saeflow` command line: generate, train, evaluate, features, inspect, validate, config.
 
 Every expected failure (bad config, bad store, missing model, a file that cannot be written) is
 a one-line message on stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -124,6 +124,21 @@ def evaluate(cfg, allow_incomplete):
     for name, values in evaluate_saes(cfg, allow_incomplete=allow_incomplete).items():
         summary = ", ".join(f"{key} {value:.4g}" for key, value in values.items() if isinstance(value, (int, float)))
         click.echo(f"{name}: {summary}")
+
+
+@main.command()
+@click.option("--split", type=click.Choice(["heldout", "train"]), default=None,
+              help="Rows to read (default features.split, heldout): train reads the training chunks, for more examples.")
+@_on_config
+def features(cfg, split):
+    """After train: per latent of each SAE, firing frequency, activation histogram, top and
+    quantile-interval examples in context, logit effects; writes <out_dir>/<variant>/features/
+    (features.json and index.html, a dashboard that opens from the file system)."""
+    from pipeline.features.stage import DASHBOARD_FILE
+    from pipeline.features.stage import features as describe_latents
+
+    for name, directory in describe_latents(cfg, split=split).items():
+        click.echo(f"{name}: {directory / DASHBOARD_FILE}")
 
 
 @main.command("config")

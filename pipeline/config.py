@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 import torch
 
+from pipeline.features.config import FeaturesConfig
 from pipeline.sae.config import InitializerConfig, SAEConfig, StrictModel, check_sae_and_initializer
 from store.location import StoreLocation
 
@@ -225,6 +226,8 @@ class ExperimentConfig(StrictModel):
     """stage 2: optimization, schedules, losses, logging and sweeps"""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     """evaluation of the trained SAE(s) on held-out data"""
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    """after train: top and interval examples, histograms and logit effects per latent, and their dashboard"""
 
     @model_validator(mode="after")
     def _sae_reads_generated_hooks(self):

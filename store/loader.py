@@ -15,7 +15,8 @@ At most `prefetch_batches` finished batches wait ahead of the consumer. Host mem
 Training batches roll over epoch boundaries (the tail of epoch e and the head of e+1 share a
 batch), so every batch is full and every rank yields the same number of batches; only the final
 batch when `max_rows` is not a multiple of batch_size is short. The held-out split is read once,
-in store order, unshuffled, with a short last batch.
+in store order, unshuffled, with a short last batch; so is the training split with shuffle=False
+(analysis passes that need each row's index: row i of the pass is row split_start + i).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ActivationLoader:
         tensor in a batch comes from the same token.
     split: "train" (shuffled, endless unless max_rows, resumable) or "heldout" (the last
         `heldout_chunks` chunks, store order, one pass).
+    shuffle: False reads the training split like the held-out one: once, in store order.
     dtype: dtype of yielded tensors; None keeps the stored dtype.
     pin_memory: page-locked batches and non_blocking copies when device is CUDA; ignored otherwise.
     max_rows: stop after this many rows in total (counted from the start of the run, including
@@ -66,6 +68,7 @@ class ActivationLoader:
         *,
         batch_size: int,
         split: Literal["train", "heldout"] = "train",
+        shuffle: bool = True,
         seed: int = 0,
         shuffle_buffer_chunks: int = 8,
         prefetch_batches: int = 4,
@@ -97,12 +100,12 @@ class ActivationLoader:
         self.n_train_chunks = len(self.reader.split_chunks("train", heldout_chunks))
         self.buffer_chunks = shuffle_buffer_chunks
         self.rank, self.world_size = rank, world_size
-        if split == "train":
+        if split == "train" and shuffle:
             self.plan = ShufflePlan(self.n_train_chunks, shuffle_buffer_chunks, seed, rank, world_size)
         else:
             self.plan = None
             if len(chunks) < world_size:
-                raise StoreError(f"{len(chunks)} held-out chunks cannot be split over {world_size} ranks")
+                raise StoreError(f"{len(chunks)} {split} chunks cannot be split over {world_size} ranks")
             self.heldout_order = list(chunks)[rank::world_size]
         self.device = torch.device(device)
         # Pinning only helps copies to a CUDA device; elsewhere the request is dropped and rows are
@@ -127,8 +130,8 @@ class ActivationLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch this loader handed out (JSON-able)."""
-        if self.split != "train":
-            raise StoreError("only the training split has a cursor; held-out iteration always starts at its beginning")
+        if self.plan is None:
+            raise StoreError("only the shuffled training split has a cursor; a one-pass iteration always starts at its beginning")
         return self._cursor.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -143,7 +146,7 @@ class ActivationLoader:
     # --- iteration ----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
         """Training: continue from the cursor. Held-out: one pass from the start."""
-        start = self._cursor if self.split == "train" else self._fresh_cursor(self._cursor.seed)
+        start = self._cursor if self.plan is not None else self._fresh_cursor(self._cursor.seed)
         sink = self._new_sink()
         producer = Producer(
             self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
@@ -163,7 +166,7 @@ class ActivationLoader:
                     raise item
                 future, position = item
                 tensors = sink.deliver(future.result())
-                if self.split == "train":
+                if self.plan is not None:
                     self._cursor = position
                 yield dict(zip(self.hooks, tensors))
         finally:

@@ -94,7 +94,7 @@ def test_version_and_help_point_to_the_config_keys():
     from importlib.metadata import version
 
     assert saeflow("--version", cwd=REPO).stdout.strip() == f"saeflow {version('saeflow')}"
-    for command in ("generate", "train", "evaluate"):
+    for command in ("generate", "train", "evaluate", "features"):
         assert "saeflow config CONFIG" in saeflow(command, "--help", cwd=REPO).stdout
 
 

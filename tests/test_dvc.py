@@ -71,9 +71,12 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_runs_everything_then_nothing(project):
     first = run("dvc", "repro", cwd=project)
-    assert stages_run(first) == {"generate", "train", "evaluate", "sweep_train@4", "sweep_evaluate@4"}
+    assert stages_run(first) == {"generate", "train", "evaluate", "features", "sweep_train@4", "sweep_evaluate@4"}
     metrics = json.loads((project / "results" / "tiny" / "metrics.json").read_text())["sae"]
     assert 0 < metrics["fvu"] < 1 and 0 < metrics["ce_loss_recovered"] <= 1.5
+    assert (project / "results" / "tiny" / "sae" / "features" / "index.html").is_file()  # the dashboard
+    features = json.loads((project / "results" / "tiny" / "sae" / "features" / "features.json").read_text())
+    assert len(features["latents"]) == 256 and features["split"] == "heldout"
     sweep = json.loads((project / "results" / "tiny" / "k4" / "metrics.json").read_text())["sae"]
     assert sweep["l0"] == pytest.approx(4)
 
@@ -96,7 +99,7 @@ def test_a_train_param_reruns_train_and_evaluate_only(project):
     output = run("dvc", "repro", "evaluate", cwd=project)
     assert stages_run(output) == {"train", "evaluate"}
     assert "Stage 'generate' didn't change, skipping" in output
-    assert set(json.loads(run("dvc", "status", "--json", cwd=project))) == {"sweep_train@4"}
+    assert set(json.loads(run("dvc", "status", "--json", cwd=project))) == {"features", "sweep_train@4"}
 
 
 def append_comment(path: Path) -> None:
@@ -113,7 +116,7 @@ def test_code_edits_rerun_exactly_the_stages_that_run_the_code(project):
 
     append_comment(project / "pipeline" / "sae" / "activation_fns.py")
     changed = set(json.loads(run("dvc", "status", "--json", cwd=project)))
-    assert changed == {"train", "evaluate", "sweep_train@4", "sweep_evaluate@4"}  # never generate
+    assert changed == {"train", "evaluate", "features", "sweep_train@4", "sweep_evaluate@4"}  # never generate
     append_comment(project / "store" / "reader.py")
     assert "generate" in set(json.loads(run("dvc", "status", "--json", cwd=project)))
 

@@ -1,4 +1,12 @@
-"""Language-model metrics with an SAE spliced into the forward pass.
+"""SAEs spliced into a language model's forward pass, and the language-model metrics of evaluate.
+
+The splice (the one implementation; public as pipeline.spliced / pipeline.run_with_latents):
+`with spliced(model, {hook: sae}): model(tokens)` runs a TransformerLens model (HookedTransformer
+or TransformerBridge, or our LanguageModel) with each hook's activation replaced by its SAE's
+reconstruction of the raw activation, every position (heads of attn.hook_z flattened as the
+store does). keep_error=True adds the SAE's error term (x - x_hat) back, so the hook passes on x
+itself, bit for bit, while gradients reach the latents through x_hat: the model's output is
+unchanged and the latents can be read (Splice.latents) or attributed.
 
 Per batch of held-out sequences the model runs clean once, once per distinct target hook with
 that hook zero-ablated and mean-ablated (the dataset mean from the store), and once per SAE with
@@ -19,7 +27,9 @@ A ratio whose denominator is 0 (ablation changes nothing) is None.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,28 +61,98 @@ def replace_with(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     return hook
 
 
-def splice_hooks(sae: SparseAutoencoder) -> list[Hook]:
-    """fwd_hooks that replace hook_point_out by sae.reconstruct(activation at hook_point_in)."""
-    cfg = sae.cfg
-    device = sae.W_dec.device
+class Splice:
+    """The fwd_hooks of SAEs spliced at their hooks; `latents` holds each SAE's latents of the
+    last forward pass, {hook: (batch, seq, d_sae)}."""
 
-    def reconstruct(activation: torch.Tensor) -> torch.Tensor:
-        flat = activation.reshape(-1, cfg.d_model).to(device)  # heads (attn.hook_z) flatten as in the store
-        return sae.reconstruct(flat)
+    def __init__(self, saes: dict[str, SparseAutoencoder], keep_error: bool):
+        self.saes, self.keep_error = saes, keep_error
+        self._inputs: dict[str, torch.Tensor] = {}  # a transcoder's input, captured upstream
+        self._outputs: dict[str, tuple] = {}  # hook -> (SAEOutput, leading shape)
 
-    if not cfg.is_transcoder:
-        return [(cfg.hook_point_out, replace_with(lambda act: reconstruct(act).reshape(act.shape)))]
-    captured: dict[str, torch.Tensor] = {}
+    @property
+    def latents(self) -> dict[str, torch.Tensor]:
+        # dense only when asked for: evaluate's CE runs never pay for a (tokens, d_sae) tensor
+        return {hook: out.dense_feature_acts().reshape(*shape, -1) for hook, (out, shape) in self._outputs.items()}
 
-    def capture(activation: torch.Tensor, hook=None) -> None:
-        captured["in"] = activation
+    def fwd_hooks(self) -> list[Hook]:
+        hooks = []
+        for hook, sae in self.saes.items():
+            if sae.cfg.is_transcoder:  # added first: it reads the activation before any SAE replaces it
+                hooks.insert(0, (sae.cfg.hook_point_in, self._capture(hook)))
+            hooks.append((hook, self._replace(hook, sae)))
+        return hooks
 
-    def predict(activation: torch.Tensor) -> torch.Tensor:
-        if "in" not in captured:
-            raise ValueError(f"transcoder input {cfg.hook_point_in!r} does not run before its output {cfg.hook_point_out!r}")
-        return reconstruct(captured.pop("in")).reshape(activation.shape)
+    def _capture(self, key: str) -> Callable:
+        def capture(activation: torch.Tensor, hook=None) -> None:
+            self._inputs[key] = activation
 
-    return [(cfg.hook_point_in, capture), (cfg.hook_point_out, replace_with(predict))]
+        return capture
+
+    def _replace(self, key: str, sae: SparseAutoencoder) -> Callable:
+        cfg = sae.cfg
+
+        def replace(activation: torch.Tensor, hook=None) -> torch.Tensor:
+            source = activation
+            if cfg.is_transcoder:
+                if key not in self._inputs:
+                    raise ValueError(f"transcoder input {cfg.hook_point_in!r} does not run before its output {cfg.hook_point_out!r}")
+                source = self._inputs.pop(key)
+            flat = source.reshape(-1, cfg.d_model).to(sae.W_dec.device)  # heads (attn.hook_z) flatten as in the store
+            x_hat, out = sae(sae.normalize_input(flat))
+            self._outputs[key] = (out, source.shape[:2])
+            x_hat = sae.denormalize_output(x_hat, flat).reshape(activation.shape).to(activation.device)
+            if self.keep_error:  # value: x exactly; gradient: through x_hat, as x_hat + (x - x_hat).detach()
+                return (activation.detach() + (x_hat - x_hat.detach())).to(activation.dtype)
+            return x_hat.to(activation.dtype)
+
+        return replace
+
+
+def _hooked_model(model: Any) -> Any:
+    """The TransformerLens model inside our LanguageModel, or the model itself."""
+    return model.model if isinstance(model, LanguageModel) else model
+
+
+def _by_hook(saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, model: Any) -> dict[str, SparseAutoencoder]:
+    """{hook it replaces: SAE}, checked: a transcoder is keyed by the hook it writes."""
+    if isinstance(saes, SparseAutoencoder):
+        saes = {saes.cfg.hook_point_out: saes}
+    hook_dict = getattr(model, "hook_dict", None)
+    for hook, sae in saes.items():
+        cfg = sae.cfg
+        if hook != cfg.hook_point_out:
+            raise ValueError(f"an SAE keyed {hook!r} replaces {cfg.hook_point_out!r} (reading {cfg.hook_point_in!r}); "
+                             f"key it by {cfg.hook_point_out!r}")
+        for name in {cfg.hook_point_in, cfg.hook_point_out}:
+            if hook_dict is not None and name not in hook_dict:
+                raise ValueError(f"the model has no hook {name!r}; the SAE was trained on another model or hook")
+    return dict(saes)
+
+
+@contextmanager
+def spliced(model: Any, saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, *, keep_error: bool = False) -> Iterator[Splice]:
+    """Inside the block, `model` runs with each SAE replacing its hook's activation (see the
+    module docstring); yields the Splice, whose `latents` are those of the last forward pass.
+    saes: {hook: SAE} (a transcoder keyed by its hook_point_out) or one SAE."""
+    hooked = _hooked_model(model)
+    splice = Splice(_by_hook(saes, hooked), keep_error)
+    with hooked.hooks(fwd_hooks=splice.fwd_hooks()):
+        yield splice
+
+
+@torch.no_grad()
+def run_with_latents(model: Any, saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, tokens: torch.Tensor | str | list[str],
+                     *, keep_error: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits, {hook: latents (batch, seq, d_sae)}) of `tokens` ((batch, seq) ids, or text,
+    tokenized by the model's to_tokens, BOS first). keep_error (the default) leaves the logits
+    those of the clean model; False gives the spliced model's."""
+    hooked = _hooked_model(model)
+    if isinstance(tokens, (str, list)):
+        tokens = hooked.to_tokens(tokens)
+    with spliced(hooked, saes, keep_error=keep_error) as splice:
+        logits = hooked(tokens, return_type="logits")
+        return logits, splice.latents
 
 
 def ablation_hooks(hook_point: str, mean: torch.Tensor | None) -> list[Hook]:
@@ -108,7 +188,7 @@ def lm_metrics(
     out_hooks = sorted({sae.cfg.hook_point_out for sae in saes.values()})
     clean = _Sums()
     ablated = {(hook, kind): _Sums() for hook in out_hooks for kind in ("zero", "mean")}
-    spliced = {name: _Sums() for name in saes}
+    with_sae = {name: _Sums() for name in saes}
     loss_mask = sequences.loss_mask
     for start in tqdm(range(0, len(sequences), batch_size), unit="batch", desc="evaluate LM splice", dynamic_ncols=True):
         tokens = sequences.tokens[start : start + batch_size].to(lm.device)
@@ -120,16 +200,17 @@ def lm_metrics(
                 losses, _ = next_token_losses(_logits(lm, tokens, ablation_hooks(hook, mean)), tokens)
                 ablated[hook, kind].add(losses, mask)
         for name, sae in saes.items():
-            losses, log_probs = next_token_losses(_logits(lm, tokens, splice_hooks(sae)), tokens)
-            spliced[name].add(losses, mask, kl_per_token(clean_log_probs, log_probs))
+            with spliced(lm, sae):
+                losses, log_probs = next_token_losses(_logits(lm, tokens, []), tokens)
+            with_sae[name].add(losses, mask, kl_per_token(clean_log_probs, log_probs))
             del log_probs
     counted = int(loss_mask.sum())
     results = {}
     for name, sae in saes.items():
         hook = sae.cfg.hook_point_out
         results[name] = summarize(
-            clean.ce / counted, spliced[name].ce / counted, ablated[hook, "zero"].ce / counted,
-            ablated[hook, "mean"].ce / counted, spliced[name].kl / counted,
+            clean.ce / counted, with_sae[name].ce / counted, ablated[hook, "zero"].ce / counted,
+            ablated[hook, "mean"].ce / counted, with_sae[name].kl / counted,
         ) | {"lm_eval_tokens": counted, "lm_eval_sequences": len(sequences), "lm_eval_source": sequences.source}
     return results
 

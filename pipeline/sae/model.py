@@ -7,9 +7,10 @@
 Shapes follow SAELens, which we export to: W_enc (d_model, d_sae), W_dec (d_sae, d_model),
 b_enc (d_sae,), b_dec (d_model,). The seed's W_E is W_enc.T and its W_D is W_dec.T.
 
-Spaces. encode/decode/forward work in the *normalized* space the SAE trains in. The trainer
+Spaces. encode_pre/decode/forward work in the *normalized* space the SAE trains in. The trainer
 calls normalize_input(x_in) and normalize_target(x_out, x_in) first; inference on raw
-activations goes through reconstruct(x_raw), which undoes the scaling. Dataset-wise factors are
+activations goes through encode(x_raw) (the latents) and reconstruct(x_raw), which undoes the
+scaling. Dataset-wise factors are
 the buffers norm_factor_in / norm_factor_out (x_normalized = x * factor); fold_normalization()
 moves them into the weights so a saved SAE reads raw activations ("inference").
 
@@ -259,8 +260,9 @@ class SparseAutoencoder(nn.Module):
         steps = heaviside_step(self.gate(hidden_pre), self.log_threshold.exp(), self.cfg.jumprelu_window)
         return steps.sum(-1)
 
-    def encode(self, x: Tensor, k: int | None = None) -> Tensor:
-        return self.activate(self.encode_pre(x), k)
+    def encode(self, x_raw: Tensor, k: int | None = None) -> Tensor:
+        """Dense (B, d_sae) latents of raw activations (normalized here, as reconstruct does)."""
+        return self.activate(self.encode_pre(self.normalize_input(x_raw)), k)
 
     def _encode_sparse(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """(values, indices, hidden_pre) of the row top-k; gradients stay O(B*k*d_model)."""

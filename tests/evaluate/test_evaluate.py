@@ -19,7 +19,7 @@ from pipeline.evaluate.sequences import HELDOUT_STORE_ROWS, HELDOUT_TEXT, first_
 from pipeline.evaluate.stage import HISTOGRAM_FILE, METRICS_FILE, evaluate
 from pipeline.generate.stage import generate
 from pipeline.generate.lm import load_language_model
-from pipeline.evaluate.splice import kl_per_token, next_token_losses, splice_hooks
+from pipeline.evaluate.splice import kl_per_token, next_token_losses, spliced
 from pipeline.sae.model import SparseAutoencoder
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.io import save_sae
@@ -157,10 +157,11 @@ def test_transcoder_splice_reads_its_input_hook(tiny_store, lm):
         inputs = lm.run_hooks(tokens, [RESID])[RESID]
         predicted = transcoder.reconstruct(inputs.reshape(-1, D)).reshape(inputs.shape)
         expected = lm.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(MLP_OUT, lambda act, hook: predicted)])
-        spliced = lm.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=splice_hooks(transcoder))
+        with spliced(lm, transcoder):
+            spliced_logits = lm.model(tokens, return_type="logits")
         clean = lm.model(tokens, return_type="logits")
-    torch.testing.assert_close(spliced, expected, rtol=1e-5, atol=1e-5)
-    assert (spliced - clean).abs().max() > 1e-2
+    torch.testing.assert_close(spliced_logits, expected, rtol=1e-5, atol=1e-5)
+    assert (spliced_logits - clean).abs().max() > 1e-2
 
 
 def test_heldout_text_starts_after_the_stored_documents(tiny_store, lm):

@@ -160,6 +160,16 @@ def test_heldout_split_is_store_order_and_never_trained_on(id_store: Path):
         ActivationLoader(id_store, HOOK, batch_size=8, heldout_chunks=20)
 
 
+def test_an_unshuffled_training_split_is_one_pass_in_store_order(id_store: Path):
+    train = ActivationLoader(id_store, HOOK, batch_size=100, split="train", shuffle=False, heldout_chunks=3)
+    assert _ids(_rows(train)) == list(range(17 * CHUNK))  # each training row once, in order; no held-out row
+    assert _ids(_rows(train)) == list(range(17 * CHUNK))  # and again from the start
+    everything = ActivationLoader(id_store, HOOK, batch_size=100, shuffle=False, heldout_chunks=0, max_rows=1000)
+    assert _ids(_rows(everything)) == list(range(1000))
+    with pytest.raises(StoreError, match="only the shuffled training split has a cursor"):
+        train.state_dict()
+
+
 def test_transcoder_pairs_stay_aligned(tmp_path: Path):
     x_in = random_rows(900, 12, seed=1, dtype=np.float32)
     x_out = np.concatenate([2 * x_in + 1, x_in[:, :4] ** 2], axis=1)  # a row-wise function, d_out=16
