@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, ExperimentConfig, FeaturesConfig, resolve_device, sweep_variants
+from pipeline.config import ConfigError, ExperimentConfig, FeaturesConfig, resolve_device
+from pipeline.sweeps import sweep_variants
 from pipeline.features.dashboard import render_dashboard
 from pipeline.features.examples import example_contexts, store_tokenizer
 from pipeline.features.logits import logit_effects, skip_reason, unembedding
