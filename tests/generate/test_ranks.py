@@ -42,10 +42,10 @@ def test_two_rank_generate_writes_the_rows_of_one_process(work):
 @pytest.mark.parametrize("kills", [["manifest_written:2", "manifest_written:12"]], ids=["in-parts-then-in-merge"])
 def test_killed_ranks_resume_to_the_same_store(work, kills):
     args = ("generate", "tiny.yaml", "--set", "generate.store=killed.zarr")
-    for kill in kills:  # every rank carries the kill point: each dies at its n-th commit
+    for kill in kills:  # every rank carries the kill point: each dies at its n-th commit (or torchrun stops it)
         result = torchrun(*args, cwd=work, check=False, env_extra={"SAEFLOW_KILL_AT": kill})
         assert result.returncode != 0
-        assert parts_left(work, "killed.zarr") == ["killed.zarr.rank-0-of-2", "killed.zarr.rank-1-of-2"]
+    assert parts_left(work, "killed.zarr") == ["killed.zarr.rank-0-of-2", "killed.zarr.rank-1-of-2"]
     merging = read_manifest(work / "killed.zarr")  # the last kill came in the merge: a store half merged
     assert merging["merged_from_ranks"] == 2 and not merging["complete"] and merging["n_chunks"] > 0
     torchrun(*args, cwd=work)
