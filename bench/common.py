@@ -257,22 +257,12 @@ def peer_sae(directory: Path, k: int) -> SparseAutoencoder:
     return sae.eval()
 
 
-def evaluate_sae(sae: SparseAutoencoder, store: Path, *, heldout_chunks: int, train_rows: np.ndarray | None,
-                 batch_size: int = 4096) -> dict:
-    """Held-out FVU (against the training split's mean, as saeflow's evaluator), L0, dead
-    fraction on the held-out rows alone, and dead fraction on held-out + `train_rows` (the last
-    part of the training stream): latents that fire on none of those rows."""
+def evaluate_sae(sae: SparseAutoencoder, store: Path, *, heldout_chunks: int, batch_size: int = 4096) -> dict:
+    """saeflow's held-out metrics of any SAE: FVU (against the training split's mean, as the
+    evaluator), L0 and dead_fraction (dead_heldout: latents that fire on none of the held-out rows)."""
     reader = StoreReader(store)
     hook = sae.cfg.hook_point_in
     mean = store_moments(reader, hook, heldout_chunks=heldout_chunks, track_covariance=False).mean.double()
     heldout = ActivationLoader(reader, hook, batch_size=batch_size, split="heldout", heldout_chunks=heldout_chunks,
                                dtype=torch.float32)
-    held = heldout_metrics(sae, heldout, mean)
-    result = held.result()
-    if train_rows is not None:
-        tail = heldout_metrics(sae, ({hook: torch.from_numpy(np.asarray(train_rows[i : i + batch_size])).float()}
-                                     for i in range(0, len(train_rows), batch_size)), mean)
-        fired = held.fire_counts() + tail.fire_counts()
-        result["dead_fraction_heldout_and_train_tail"] = float((fired == 0).double().mean())
-        result["train_tail_rows"] = len(train_rows)
-    return result
+    return heldout_metrics(sae, heldout, mean).result()

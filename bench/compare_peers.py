@@ -3,7 +3,9 @@
 One saeflow store of MiniLM-L6 layer-3 residual activations over the docstring corpus
 (bench/out/minilm-l3.zarr, made with `saeflow generate` when missing or with --fresh-store).
 Each tool trains a TopK SAE, k=32, expansion 8 (d_sae 3072), batch 4096, on the same token budget
-and the same rows in the same order, with its own recommended optimizer and lr:
+and the same rows in the same order, with its own recommended optimizer, at its own default lr
+times each of --lr-multipliers (0.5, 1, 2, 4): every tool gets the same small lr sweep, and the
+headline compares each tool at its best lr. Defaults:
 - saeflow: `saeflow train configs/minilm-docstrings.yaml` with OURS_SHORT_RUN (bench/common.py:
   Adam 2.5e-3, 20 warm-up and 100 decay steps, AuxK after 100k silent tokens; data-dependent
   init, dataset-wise normalization), checkpoints off;
@@ -12,8 +14,8 @@ and the same rows in the same order, with its own recommended optimizer and lr:
   loader's training stream exported in batch order.
 All three are evaluated by the same code (saeflow's ReconstructionMetrics, peers' weights loaded
 into a saeflow SparseAutoencoder with norm_activation "inference") on the store's held-out rows:
-FVU (against the training split's mean), L0, and dead fraction = latents that fire on none of
-(the held-out rows + the last 20% of the training rows, in training order).
+FVU (against the training split's mean), L0, and dead_heldout = latents that fire on none of the
+held-out rows (the definition saeflow's metrics.json uses).
 tokens/s is the training loop only, after 10 warm-up steps (bench/common.py).
 
 End to end, text to trained SAE, each tool's own workflow:
@@ -26,9 +28,10 @@ End to end, text to trained SAE, each tool's own workflow:
   an estimate = our measured generate time (the same LM forward) + its measured training time.
 
     bash bench/make_peers_env.sh && .venv/bin/python bench/compare_peers.py [--tokens 1000000]
-        [--fresh-store] [--no-e2e] [--ours-lr L]
+        [--fresh-store] [--no-e2e] [--lr-multipliers 0.5,1,2,4]
 
-Prints a table; writes bench/out/compare/result.json. Last line: FVU ours / best peer (goal <= 0.9).
+Prints a table (every run; default and best lr marked); writes bench/out/compare/result.json.
+Last line: FVU of ours at its best lr / the best peer at its best lr (goal <= 0.9).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from common import (
     CONFIG, DEFAULT_STORE, DEFAULT_STORE_TOKENS, OURS_SHORT_RUN, OUT, PEERS_DIR, PEERS_PY, REPO, SAEFLOW, ensure_peers_env,
@@ -133,19 +135,63 @@ def sparsify_e2e(texts: Path, out: Path, tokens: int, batch_size: int) -> dict:
     return facts
 
 
+LR_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
+
+
+def lr_tag(multiplier: float) -> str:
+    return f"lr-x{multiplier:g}"
+
+
+def sweep_ours(args, extra: list[str], default_lr: float) -> dict[float, dict]:
+    """saeflow at default_lr x each multiplier (the default first)."""
+    runs = {}
+    for multiplier in sorted(args.lr_multipliers, key=lambda m: m != 1.0):
+        out = args.out / "ours" / lr_tag(multiplier)
+        runs[multiplier] = run_ours_cli(args.store, out, args.tokens, [*extra, f"train.lr={default_lr * multiplier:g}"])
+        runs[multiplier]["lr"] = default_lr * multiplier
+    return runs
+
+
+def sweep_peer(args, tool: str, acts: Path, peer: dict) -> dict[float, dict]:
+    """A peer at its own default lr (read back from its run.json) x each multiplier."""
+    runs: dict[float, dict] = {}
+    default_lr = None
+    for multiplier in sorted(args.lr_multipliers, key=lambda m: m != 1.0):
+        out = args.out / tool / lr_tag(multiplier)
+        extra = [] if multiplier == 1.0 else ["--lr", f"{default_lr * multiplier:g}"]
+        previous = out / "run.json"
+        facts = json.loads(previous.read_text()) if args.reuse_peers and previous.is_file() else {}
+        if facts.get("acts") == str(acts.resolve()) and facts.get("tokens_trained") == (args.tokens // peer["batch_size"]) * peer["batch_size"]:
+            say(f"peer {tool}: reusing {previous}")
+        else:
+            facts = run_peer(tool, acts, out, **peer, extra=extra)
+        facts["dir"] = str(out)
+        runs[multiplier] = facts
+        default_lr = default_lr or facts["lr"]
+    return runs
+
+
+def best_run(runs: dict[float, dict]) -> float:
+    """The multiplier whose run has the lowest held-out FVU."""
+    return min(runs, key=lambda m: runs[m]["eval"]["fvu"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per tool")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per run")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--store-tokens", type=int, default=DEFAULT_STORE_TOKENS)
     parser.add_argument("--fresh-store", action="store_true", help="regenerate the store (times generate)")
     parser.add_argument("--no-e2e", action="store_true", help="skip sparsify's end-to-end run")
-    parser.add_argument("--ours-lr", type=float, default=None, help="default: OURS_SHORT_RUN's 2.5e-3")
+    parser.add_argument("--lr-multipliers", type=lambda text: tuple(float(v) for v in text.split(",")),
+                        default=LR_MULTIPLIERS, help="each tool's default lr times these (must hold 1); default 0.5,1,2,4")
     parser.add_argument("--ours-set", action="append", default=[], help="extra saeflow override, repeatable")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep peer runs already in --out for the same rows and tokens (iterating on ours)")
     parser.add_argument("--out", type=Path, default=OUT / "compare")
     args = parser.parse_args()
+    if 1.0 not in args.lr_multipliers:
+        parser.error("--lr-multipliers must hold 1 (each tool's default lr)")
     args.out, args.store = args.out.resolve(), args.store.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_peers_env()
@@ -153,69 +199,64 @@ def main() -> None:
 
     store = generate_store(args.store, args.store_tokens, fresh=args.fresh_store)
     generate_seconds = store["seconds"] if store["generated"] else store.get("previous", {}).get("seconds")
-    extra = [*OURS_SHORT_RUN, *args.ours_set] + ([f"train.lr={args.ours_lr}"] if args.ours_lr else [])
+    extra = [*OURS_SHORT_RUN, *args.ours_set]
     cfg = bench_config(args.store, args.out / "ours", args.tokens, extra, warmup_steps=WARMUP_STEPS)
     k, expansion, batch = cfg.sae.top_k, int(cfg.sae.expansion_factor), cfg.loader.batch_size
-    results: dict[str, dict] = {}
-    results["saeflow"] = run_ours_cli(args.store, args.out / "ours", args.tokens, extra)
+    sweeps: dict[str, dict[float, dict]] = {"saeflow": sweep_ours(args, extra, cfg.train.lr)}
 
     acts = export_training_rows(cfg, args.out / f"rows-{args.tokens}.npy")
     peer = dict(tokens=args.tokens, batch_size=batch, k=k, expansion=expansion, warmup_steps=WARMUP_STEPS)
     for name, tool in (("sae-lens", "saelens"), ("sparsify", "sparsify")):
-        previous = args.out / tool / "run.json"
-        if args.reuse_peers and previous.is_file():
-            facts = json.loads(previous.read_text())
-            if facts.get("acts") == str(acts.resolve()) and facts.get("tokens_trained") == (args.tokens // batch) * batch:
-                say(f"peer {tool}: reusing {previous}")
-                results[name] = facts
-                continue
-        results[name] = run_peer(tool, acts, args.out / tool, **peer)
+        sweeps[name] = sweep_peer(args, tool, acts, peer)
 
-    say("evaluating all three with saeflow's metrics")
+    say("evaluating every run with saeflow's metrics")
     from pipeline.sae.io import load_sae
 
-    rows = np.load(acts, mmap_mode="r")
-    tail = rows[int(len(rows) * 0.8):]
-    saes = {"saeflow": load_sae(Path(results["saeflow"]["dir"]), device="cpu"),
-            "sae-lens": peer_sae(args.out / "saelens", k), "sparsify": peer_sae(args.out / "sparsify", k)}
-    for name, sae in saes.items():
-        results[name]["eval"] = evaluate_sae(sae, args.store, heldout_chunks=cfg.loader.heldout_chunks, train_rows=tail)
+    for name, runs in sweeps.items():
+        for facts in runs.values():
+            sae = load_sae(Path(facts["dir"]), device="cpu") if name == "saeflow" else peer_sae(Path(facts["dir"]), k)
+            facts["eval"] = evaluate_sae(sae, args.store, heldout_chunks=cfg.loader.heldout_chunks)
+    best = {name: best_run(runs) for name, runs in sweeps.items()}
 
     e2e: dict[str, dict] = {}
+    ours_default = sweeps["saeflow"][1.0]
     if generate_seconds is not None:
-        e2e["saeflow"] = {"seconds": generate_seconds + results["saeflow"]["train_cli_seconds"],
+        e2e["saeflow"] = {"seconds": generate_seconds + ours_default["train_cli_seconds"],
                           "generate_seconds": generate_seconds,
                           "generate_measured_now": store["generated"],
-                          "train_cli_seconds": results["saeflow"]["train_cli_seconds"]}
-        e2e["sae-lens (estimate)"] = {"seconds": generate_seconds + results["sae-lens"]["train_seconds"],
+                          "train_cli_seconds": ours_default["train_cli_seconds"]}
+        e2e["sae-lens (estimate)"] = {"seconds": generate_seconds + sweeps["sae-lens"][1.0]["train_seconds"],
                                       "note": "our generate time (same LM forward) + SAELens's measured training loop"}
     if not args.no_e2e:
         texts = export_texts(args.out / "docstrings.jsonl", TEXT_CHARS)
         e2e["sparsify"] = sparsify_e2e(texts, args.out / "sparsify-e2e", args.tokens, batch)
 
     summary = {"machine": machine(), "store": store, "tokens": args.tokens, "k": k, "expansion": expansion,
-               "batch_size": batch, "ours_overrides": extra, "results": results, "end_to_end": e2e,
-               "seconds": time.perf_counter() - started,
-               "dead_definition": "latents firing on none of the held-out rows + the last 20% of training rows"}
+               "batch_size": batch, "ours_overrides": extra, "lr_multipliers": list(args.lr_multipliers),
+               "sweeps": {name: {f"{m:g}": facts for m, facts in runs.items()} for name, runs in sweeps.items()},
+               "best_multiplier": best, "end_to_end": e2e, "seconds": time.perf_counter() - started,
+               "dead_definition": "dead_heldout: latents that fire on none of the held-out rows (saeflow's metrics.json)"}
     (args.out / "result.json").write_text(json.dumps(summary, indent=1, default=str))
 
-    say(f"\n{'tool':<10} {'FVU':>7} {'L0':>6} {'dead':>7} {'dead(held-out)':>15} {'train tok/s':>12}   lr / load")
-    for name, facts in results.items():
-        ev = facts["eval"]
-        load = facts.get("load_before_after") or facts.get("host_load_1min_before_after")
-        lr = facts.get("lr", cfg.train.lr)
-        say(f"{name:<10} {ev['fvu']:>7.4f} {ev['l0']:>6.1f} {ev['dead_fraction_heldout_and_train_tail']:>7.2%} "
-            f"{ev['dead_fraction']:>15.2%} {facts['tokens_per_second']:>12,.0f}   {lr:.3g} / {load}")
+    say(f"\n{'tool':<10} {'lr':>9} {'':<13} {'FVU':>7} {'L0':>6} {'dead_heldout':>13} {'train tok/s':>12}   load")
+    for name, runs in sweeps.items():
+        for multiplier in sorted(runs):
+            facts, ev = runs[multiplier], runs[multiplier]["eval"]
+            marks = " ".join(mark for mark, on in (("default", multiplier == 1.0), ("best", multiplier == best[name])) if on)
+            load = facts.get("load_before_after") or facts.get("host_load_1min_before_after")
+            say(f"{name:<10} {facts['lr']:>9.3g} {marks:<13} {ev['fvu']:>7.4f} {ev['l0']:>6.1f} "
+                f"{ev['dead_fraction']:>13.2%} {facts['tokens_per_second']:>12,.0f}   {load}")
     for name, facts in e2e.items():
         say(f"end to end {name}: {facts['seconds']:.0f} s")
-    fvu = {name: facts["eval"]["fvu"] for name, facts in results.items()}
-    best_peer = min(fvu["sae-lens"], fvu["sparsify"])
-    speed = results["saeflow"]["tokens_per_second"] / max(results["sae-lens"]["tokens_per_second"],
-                                                          results["sparsify"]["tokens_per_second"])
-    say(f"train tokens/s ours/faster peer: {speed:.2f} (goal >= 2); dead ours: "
-        f"{results['saeflow']['eval']['dead_fraction_heldout_and_train_tail']:.2%} (goal <= 1%)")
+    fvu = {name: sweeps[name][best[name]]["eval"]["fvu"] for name in sweeps}
+    default_fvu = {name: sweeps[name][1.0]["eval"]["fvu"] for name in sweeps}
+    speed = {name: sweeps[name][1.0]["tokens_per_second"] for name in sweeps}
+    say(f"at defaults: FVU ours/best peer {default_fvu['saeflow'] / min(default_fvu['sae-lens'], default_fvu['sparsify']):.2f}; "
+        f"train tokens/s ours/faster peer {speed['saeflow'] / max(speed['sae-lens'], speed['sparsify']):.2f} (goal >= 2); "
+        f"dead_heldout ours (best lr) {sweeps['saeflow'][best['saeflow']]['eval']['dead_fraction']:.2%} (goal <= 1%)")
     say(f"written: {args.out / 'result.json'} ({summary['seconds']:.0f} s)")
-    print(f"FVU ours/best-peer at {args.tokens:,} tokens, L0 {k}: {fvu['saeflow'] / best_peer:.2f} (goal <= 0.9)")
+    print(f"FVU ours/best-tuned-peer at {args.tokens:,} tokens, L0 {k}, each tool at its best lr: "
+          f"{fvu['saeflow'] / min(fvu['sae-lens'], fvu['sparsify']):.2f} (goal <= 0.9)")
 
 
 if __name__ == "__main__":

@@ -57,8 +57,7 @@ def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook:
     steps = max(tokens // cfg.loader.batch_size, 1)
     for name, variant in sweep_variants(cfg):
         trainer = build_trainer(name, variant, reader, out / "init" / name, steps)
-        results[name] = {"initial": evaluate_sae(trainer.sae, store, heldout_chunks=cfg.loader.heldout_chunks,
-                                                 train_rows=None)}
+        results[name] = {"initial": evaluate_sae(trainer.sae, store, heldout_chunks=cfg.loader.heldout_chunks)}
     shutil.rmtree(out / "init")
     started, load_before = time.perf_counter(), load_average()
     directories = train(cfg)
@@ -67,8 +66,7 @@ def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook:
 
     for directory in directories:
         sae = load_sae(directory, device="cpu")
-        results[directory.name]["final"] = evaluate_sae(sae, store, heldout_chunks=cfg.loader.heldout_chunks,
-                                                        train_rows=None)
+        results[directory.name]["final"] = evaluate_sae(sae, store, heldout_chunks=cfg.loader.heldout_chunks)
         log = [json.loads(line) for line in (directory / "train_log.jsonl").read_text().splitlines()]
         results[directory.name]["train_dead_fraction_last_log"] = log[-1]["dead_fraction"]
     for name in results:

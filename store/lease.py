@@ -23,7 +23,7 @@ from pathlib import Path
 
 from store.format import StoreError, now
 from store.location import StoreLocation, locate
-from store.lock import StoreLock, pid_alive
+from store.lock import StoreLock, pid_alive, refuse_live_holder
 
 
 class RemoteLease:
@@ -69,20 +69,8 @@ class RemoteLease:
             self._token = None
 
     def _remove_if_stale(self) -> None:
-        holder = self._read_holder()
-        host, pid = holder.get("host"), holder.get("pid")
-        if host is not None and host != socket.gethostname():
-            raise StoreError(
-                f"store {self.store} is leased by process {pid} on host {host} (lease object {self.path}); "
-                f"if no writer runs there any more, delete {self.path} and rerun"
-            )
-        if pid == os.getpid():
-            raise StoreError(f"store {self.store} is already being written by this process (lease {self.path})")
-        if isinstance(pid, int) and pid_alive(pid):
-            raise StoreError(
-                f"store {self.store} is being written by process {pid} on this host (lease {self.path}); "
-                "wait for it to finish or stop it, then rerun"
-            )
+        refuse_live_holder(self._read_holder(), self.store, "lease object", self.path,
+                           still_held=lambda pid: isinstance(pid, int) and pid_alive(pid))
         self.object.delete("")  # its writer is gone (or the lease is unreadable): stale
 
     def _read_holder(self) -> dict:

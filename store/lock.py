@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from store.format import StoreError, now
@@ -31,6 +32,29 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # alive, owned by another user
     return True
+
+
+def refuse_live_holder(holder: dict, store: object, kind: str, path: object, *,
+                       still_held: Callable[[object], bool]) -> None:
+    """Raise unless the writer named by a lock or lease (`holder`: its JSON) is certainly gone.
+
+    kind ("lock", "lease object") and path name the guard in messages. A holder on another host
+    is never judged stale (its pid cannot be checked from here); on this host, still_held(pid)
+    says whether that writer may still run."""
+    host, pid = holder.get("host"), holder.get("pid")
+    guard = f"{kind} {path}"
+    if host is not None and host != socket.gethostname():
+        raise StoreError(
+            f"store {store} is held by process {pid} on host {host} ({guard}); "
+            f"if no writer runs there any more, delete {path} and rerun"
+        )
+    if pid == os.getpid():
+        raise StoreError(f"store {store} is already being written by this process ({guard})")
+    if still_held(pid):
+        raise StoreError(
+            f"store {store} is being written by process {pid} on this host ({guard}); "
+            "wait for it to finish or stop it, then rerun"
+        )
 
 
 class StoreLock:
@@ -86,21 +110,9 @@ class StoreLock:
             self._fd = None
 
     def _remove_if_stale(self) -> None:
-        holder = self._read_holder()
-        host, pid = holder.get("host"), holder.get("pid")
-        if host is not None and host != socket.gethostname():
-            raise StoreError(
-                f"store {self.store} is locked by process {pid} on host {host} (lock {self.path}); "
-                f"if no writer runs there any more, delete {self.path} and rerun"
-            )
-        if pid == os.getpid():
-            raise StoreError(f"store {self.store} is already being written by this process (lock {self.path})")
         # Stale: the pid is dead, or it is alive but no longer holds the flock (pid reused).
-        if (not isinstance(pid, int) or pid_alive(pid)) and self._flock_held():
-            raise StoreError(
-                f"store {self.store} is being written by process {pid} on this host (lock {self.path}); "
-                "wait for it to finish or stop it, then rerun"
-            )
+        refuse_live_holder(self._read_holder(), self.store, "lock", self.path,
+                           still_held=lambda pid: (not isinstance(pid, int) or pid_alive(pid)) and self._flock_held())
         try:
             self.path.unlink(missing_ok=True)
         except OSError as error:

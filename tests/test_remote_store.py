@@ -118,7 +118,7 @@ def test_a_second_writer_is_refused_while_the_lease_is_held(s3, local_run):
     assert f"is being written by process {os.getpid()} on this host" in line
     lease.write("", json.dumps({**holder, "host": "gpu-node-7"}).encode())
     line = last_error_line(run_saeflow(*args, cwd=local_run))
-    assert "leased by process" in line and "gpu-node-7" in line and f"delete {url}.lock" in line
+    assert "held by process" in line and "gpu-node-7" in line and f"delete {url}.lock" in line
     assert StoreLocation(url).is_empty()  # nothing was written
 
 

@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, ExperimentConfig, resolve_device
 from pipeline.distributed import Ranks, join_ranks, leave_ranks
 from pipeline.generate.lm import LanguageModel, load_language_model
 from pipeline.generate.provenance import create_writer, existing_store, save_store_tokenizer
-from pipeline.generate.stage import (GenerateResult, LMRows, _say, check_model, resume_point, window_batches,
+from pipeline.generate.stage import (GenerateResult, LMRows, say, check_model, resume_point, window_batches,
                                      write_batches)
 from pipeline.generate.windows import Batch, WindowCursor
 from store.dtypes import TORCH_DTYPES
@@ -60,12 +60,12 @@ def generate_on_ranks(cfg: ExperimentConfig, *, overwrite: bool = False, lm: Lan
             raise StoreError(problem)
         if state == "complete":
             manifest = StoreReader(path).manifest
-            _say(f"store {path} is complete ({manifest.n_rows} rows, same config); nothing to do")
+            say(f"store {path} is complete ({manifest.n_rows} rows, same config); nothing to do")
             return GenerateResult(path.local or str(path), manifest.n_rows, 0, 0, 0.0, 0.0, False, True)
         lm = lm or load_language_model(cfg.model)
         hook_dims, spec = check_model(lm, cfg)
         torch.manual_seed(cfg.generate.seed)
-        part = _write_part(cfg, lm, part_location(path, ranks.rank, ranks.world), ranks)
+        part = _write_part(cfg, lm, part_location(path, ranks.rank, ranks.world), ranks, hook_dims, spec)
         ranks.barrier()
         result = _merge(cfg, lm, path, ranks, lock, hook_dims, spec) if ranks.main else part
         ranks.barrier()
@@ -78,7 +78,7 @@ def generate_on_ranks(cfg: ExperimentConfig, *, overwrite: bool = False, lm: Lan
 
 def _store_state(path: StoreLocation, cfg: ExperimentConfig, overwrite: bool) -> str:
     """"complete", or "parts" (write or finish the parts, then merge); removes an unfinished merge."""
-    manifest = existing_store(path, cfg, overwrite, say=_say)
+    manifest = existing_store(path, cfg, overwrite, say=say)
     if manifest is None:
         return "parts"
     if manifest["complete"]:
@@ -90,15 +90,14 @@ def _store_state(path: StoreLocation, cfg: ExperimentConfig, overwrite: bool) ->
     return "parts"
 
 
-def _write_part(cfg: ExperimentConfig, lm: LanguageModel, part: StoreLocation, ranks: Ranks) -> GenerateResult:
+def _write_part(cfg: ExperimentConfig, lm: LanguageModel, part: StoreLocation, ranks: Ranks, hook_dims, spec) -> GenerateResult:
     """This rank's batches into its part store (created, resumed, or found complete)."""
     g = cfg.generate
     with writer_lock(part) as lock:
-        manifest = existing_store(part, cfg, overwrite=True, say=_say)  # a part of another config is replaced
+        manifest = existing_store(part, cfg, overwrite=True, say=say)  # a part of another config is replaced
         if manifest is not None and manifest["complete"]:
             return GenerateResult(part.local or str(part), manifest["n_rows"], 0, 0, 0.0, 0.0, False, True)
         start, first_batch, skip, rows = resume_point(manifest) if manifest else (WindowCursor(), 0, 0, 0)
-        hook_dims, spec = check_model(lm, cfg)
         if manifest is None:
             writer = create_writer(part, cfg, lm, hook_dims, spec, lock, extra={"part_of": {"rank": ranks.rank, "world": ranks.world}})
         else:
@@ -136,7 +135,7 @@ def _merge(cfg: ExperimentConfig, lm: LanguageModel, path: StoreLocation, ranks:
         if problems:
             raise StoreError(f"part {location} is damaged ({problems[0]}); remove it and rerun to regenerate it")
     parts = [StoreReader(location) for location in locations]
-    _say(f"merging {ranks.world} parts ({sum(part.n_rows for part in parts)} rows) into {path}")
+    say(f"merging {ranks.world} parts ({sum(part.n_rows for part in parts)} rows) into {path}")
     writer = create_writer(path, cfg, lm, hook_dims, spec, lock, extra={MERGED_KEY: ranks.world})
     with writer:
         save_store_tokenizer(path, lm)

@@ -62,7 +62,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
     if manifest is not None:
         return _nothing_to_do(path, manifest)
     with writer_lock(path) as lock:  # before anything is read: a second writer fails fast
-        manifest = existing_store(path, cfg, overwrite, say=_say)
+        manifest = existing_store(path, cfg, overwrite, say=say)
         if manifest is not None and manifest["complete"]:  # completed by a writer that just finished
             return _nothing_to_do(path, manifest)
         lm = lm or load_language_model(cfg.model)
@@ -72,7 +72,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
             start, first_batch, skip = WindowCursor(), 0, 0
         else:
             start, first_batch, skip, _ = resume_point(manifest)
-            _say(f"resuming {path} at chunk {manifest['n_chunks']} (row {manifest['n_rows']}, document {start.doc})")
+            say(f"resuming {path} at chunk {manifest['n_chunks']} (row {manifest['n_rows']}, document {start.doc})")
         batches = window_batches(cfg, lm, spec, start, first_batch)
         first = next(batches, None)  # an empty dataset fails here, before a store exists
         if first is None:
@@ -87,7 +87,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
 
 
 def _nothing_to_do(path: StoreLocation, manifest: dict) -> GenerateResult:
-    _say(f"store {path} is complete ({manifest['n_rows']} rows, same config); nothing to do")
+    say(f"store {path} is complete ({manifest['n_rows']} rows, same config); nothing to do")
     return GenerateResult(path.local or str(path), manifest["n_rows"], 0, 0, 0.0, 0.0, resumed=False, already_complete=True)
 
 
@@ -155,7 +155,7 @@ def write_batches(cfg: ExperimentConfig, writer: StoreWriter, batches: Iterator[
     ended = "target reached" if rows >= g.target_tokens else "data exhausted"
     stored = writer.manifest
     if show:
-        _say(f"store {writer.path}: {stored.n_rows} rows in {stored.n_chunks} chunks ({ended})")
+        say(f"store {writer.path}: {stored.n_rows} rows in {stored.n_chunks} chunks ({ended})")
     return GenerateResult(writer.path.local or str(writer.path), stored.n_rows, rows - rows_before,
                           getattr(rows_of, "tokens", 0), seconds, getattr(rows_of, "seconds", 0.0), resumed, False)
 
@@ -210,5 +210,5 @@ def resume_point(manifest: dict) -> tuple[WindowCursor, int, int, int]:
     return WindowCursor(int(batch["doc"]), int(batch["offset"])), int(batch["batch"]), skip, before
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"saeflow generate: {message}", file=sys.stderr, flush=True)
