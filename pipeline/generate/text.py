@@ -150,7 +150,7 @@ def _load(cfg: DatasetConfig) -> Any:
             )
         if _datasets_offline() and not _hub_dataset_cached(cfg.source, cache_dir):
             # Fail now: datasets imported before offline mode was set would retry the network.
-            raise DatasetError(f"dataset {cfg.source} is not available offline: {OFFLINE_HINT}")
+            raise DatasetError(f"dataset {_hub_name(cfg)} is not available offline: {OFFLINE_HINT}")
         # Offline, datasets reuses its latest cached copy and cannot check the revision.
         return load_dataset(cfg.source, cfg.name, split=cfg.split, streaming=cfg.streaming, cache_dir=cache_dir,
                             revision=cfg.revision)
