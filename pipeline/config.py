@@ -53,6 +53,8 @@ class ModelConfig(StrictModel):
     # "random" = RandomModelConfig below; otherwise a local HF model directory or a hub name.
     name: str = "minilm"
     """language model: minilm (bundled, offline), random, a local HF directory or a hub name"""
+    revision: str | None = None
+    """hub model revision (branch, tag or commit) to load; recorded with the resolved commit; null = main"""
     random: RandomModelConfig = Field(default_factory=RandomModelConfig)
     """shape and seed of the random model (used when name is random)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -62,7 +64,7 @@ class ModelConfig(StrictModel):
 
 
 class DatasetConfig(StrictModel):
-    # "python-docstrings" (built-in, offline), local .json/.jsonl/.parquet/.txt file(s) or a
+    # "python-docstrings" (built-in, offline), local .json/.jsonl/.parquet/.arrow/.txt file(s) or a
     # directory of them, or a hub dataset name.
     source: str = "python-docstrings"
     """text source: python-docstrings (built-in), local file(s) or directory, or a hub dataset"""
@@ -70,8 +72,12 @@ class DatasetConfig(StrictModel):
     """split to read; slices such as train[:1000] work"""
     text_field: str = "text"
     """column that holds the documents' text"""
+    token_field: str | None = None
+    """column of token id lists (a pretokenized dataset, ids from model.name's tokenizer without special tokens) read instead of text_field; null = text"""
     name: str | None = None
     """hub dataset config name"""
+    revision: str | None = None
+    """hub dataset revision (branch, tag or commit) to load and record; null = main; local sources take none"""
     streaming: bool = False
     """stream the dataset instead of downloading and caching it whole"""
     max_docs: int | None = Field(None, ge=1)

@@ -1,4 +1,5 @@
-"""A human-readable summary of a store: manifest, provenance, sizes on disk, hooks, statistics."""
+"""A human-readable summary of a store: manifest, provenance, sizes on disk, hooks, statistics,
+and the text of its first document, decoded by the store's own tokenizer (store/tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.format import TOKEN_ARRAYS, acts_path, open_store_group, read_manifest
+from store.format import TOKEN_ARRAYS, StoreError, acts_path, open_store_group, read_manifest
 from store.location import StoreLocation, locate
 from store.integrity import layout_problems, manifest_problems
 from store.recorded_stats import moments_from_arrays, read_stats_arrays, stats_problems
+from store.tokenizer import load_store_tokenizer
+
+SAMPLE_ROWS, SAMPLE_CHARS = 512, 160  # the text line: the first document's rows among these, cut to this
 
 
 def describe_store(path: str | Path | StoreLocation) -> str:
@@ -38,6 +42,8 @@ def describe_store(path: str | Path | StoreLocation) -> str:
         lines.append(f"  {hook}: d={info['d']} {info['dtype']}, {_human(_stored_bytes(path, acts_path(hook)))}")
         lines.append(f"    {_stats_summary(group, manifest, hook)}")
     lines.append(_token_summary(path, group, manifest))
+    if int(manifest["n_rows"]):
+        lines.append(_text_sample(path, group, manifest))
     return "\n".join(lines)
 
 
@@ -84,6 +90,20 @@ def _token_summary(path: StoreLocation, group: zarr.Group, manifest: dict) -> st
     first, last = int(doc[0]), int(doc[rows - 1])
     tokens = f"{_human(sum(_stored_bytes(path, name) for name in TOKEN_ARRAYS))} of tokens/doc/pos"
     return f"tokens     {rows:,} rows from documents {first}..{last}; {tokens}"
+
+
+def _text_sample(path: StoreLocation, group: zarr.Group, manifest: dict) -> str:
+    """The first stored document's text (its first rows), decoded from the tokens column."""
+    try:
+        tokenizer = load_store_tokenizer(path)
+    except StoreError:
+        return "text       not decodable: the store has no tokenizer/ folder (made before stores carried one)"
+    rows = min(int(manifest["n_rows"]), SAMPLE_ROWS)
+    tokens, doc, pos = (np.asarray(group[name][:rows]) for name in ("tokens", "doc", "pos"))
+    ids = tokens[(doc == doc[0]) & (pos >= 0)].tolist()  # pos < 0: BOS and padding
+    text = " ".join(tokenizer.decode(ids).split())
+    cut = text[:SAMPLE_CHARS] + ("..." if len(text) > SAMPLE_CHARS else "")
+    return f"text       document {int(doc[0])}: {cut!r}"
 
 
 def _stored_bytes(location: StoreLocation, relative: str = "") -> int:

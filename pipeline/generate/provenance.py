@@ -26,17 +26,16 @@ from pipeline.generate.windows import WindowSpec
 from store.dtypes import numpy_dtype
 from store.format import FORMAT_NAME, MANIFEST_KEY, StoreError, default_chunk_rows, read_manifest
 from store.lease import RemoteLease
-from store.location import StoreLocation, locate
+from store.location import StoreLocation
 from store.lock import StoreLock
 from store.reader import StoreReader
+from store.tokenizer import TOKENIZER_DIR, TOKENIZER_FILE
+from store.tokenizer import load_store_tokenizer  # noqa: F401  read from here by features and tests
 from store.writer import StoreWriter, remove_interrupted_remote_creation
 
 # generate keys that cannot change the stored bytes: a store may be moved or resumed with them changed.
 # storage_options also hold credentials, which a store must never record.
 NOT_DATA_KEYS = ("store", "storage_options", "queue_chunks")
-# The tokenizer's own files, inside the store: a copied store decodes its tokens on any machine.
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def data_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -149,22 +148,6 @@ def save_store_tokenizer(path: StoreLocation, lm: LanguageModel) -> None:
         # tokenizer.json last: its presence means the folder is whole
         for file in sorted(Path(directory).iterdir(), key=lambda file: file.name == TOKENIZER_FILE):
             path.write(f"{TOKENIZER_DIR}/{file.name}", file.read_bytes())
-
-
-def load_store_tokenizer(path: str | Path | StoreLocation) -> Any:
-    """The store's own tokenizer (a `tokenizers.Tokenizer`: decode(ids) gives the text of rows)."""
-    from tokenizers import Tokenizer
-
-    location = locate(path)
-    key = f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"
-    if location.local is not None:
-        file = location.local / key
-        data = file.read_bytes() if file.is_file() else None
-    else:
-        data = location.read(key)
-    if data is None:
-        raise StoreError(f"{location}/{key} does not exist: the store was written without its tokenizer; regenerate it")
-    return Tokenizer.from_str(data.decode())
 
 
 def write_identity(path: StoreLocation, file: Path) -> None:

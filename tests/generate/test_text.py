@@ -148,7 +148,7 @@ def test_bad_paths_and_offline_hub(tmp_path):
     (tmp_path / "table.xlsx").write_text("x")
     with pytest.raises(DatasetError, match="unsupported file type"):
         list(iter_documents(DatasetConfig(source=str(tmp_path / "table.xlsx"))))
-    with pytest.raises(DatasetError, match="no .json/.jsonl/.parquet/.csv/.txt files match"):
+    with pytest.raises(DatasetError, match="no .json/.jsonl/.parquet/.arrow/.csv/.txt files match"):
         list(iter_documents(DatasetConfig(source=str(tmp_path / "*.parquet"))))
     with pytest.raises(DatasetError, match="dataset nonexistent-org/no-such-data is not available offline"):
         list(iter_documents(DatasetConfig(source="nonexistent-org/no-such-data")))
