@@ -8,7 +8,8 @@
    (d_active_subspace = d_model / 2 = 192).
 Each pair trains in one pass over the same batches (a saeflow sweep: same loader, same steps).
 Reported on the store's held-out rows with saeflow's metrics: FVU right after init (step 0),
-FVU after training, and the dead fraction (latents firing on none of the held-out rows).
+FVU after training, the dead fraction (latents firing on none of the held-out rows) and the
+seconds each initialization took (sampling, decoder bias, norm search).
 
     .venv/bin/python bench/init_ablation.py [--tokens 1000000] [--attn-store-tokens 401408]
 
@@ -56,8 +57,11 @@ def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook:
     results: dict[str, dict] = {}
     steps = max(tokens // cfg.loader.batch_size, 1)
     for name, variant in sweep_variants(cfg):
+        init_started = time.perf_counter()  # sampling, median, norm search: what a run pays before step 1
         trainer = build_trainer(name, variant, reader, out / "init" / name, steps)
-        results[name] = {"initial": evaluate_sae(trainer.sae, store, heldout_chunks=cfg.loader.heldout_chunks)}
+        init_seconds = time.perf_counter() - init_started
+        results[name] = {"initial": evaluate_sae(trainer.sae, store, heldout_chunks=cfg.loader.heldout_chunks),
+                         "init_seconds": init_seconds}
     shutil.rmtree(out / "init")
     started, load_before = time.perf_counter(), load_average()
     directories = train(cfg)
@@ -119,11 +123,11 @@ def main() -> None:
                "dead_definition": "latents firing on none of the held-out rows"}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(summary, indent=1, default=str))
-    say(f"\n{'hook':<10} {'init':<16} {'FVU init':>9} {'FVU final':>10} {'L0':>5} {'dead':>7}")
+    say(f"\n{'hook':<10} {'init':<16} {'FVU init':>9} {'FVU final':>10} {'L0':>5} {'dead':>7} {'init s':>7}")
     for hook, block in (("resid_post", resid), ("attn_out", attn)):
         for name, facts in block["variants"].items():
             say(f"{hook:<10} {name:<16} {facts['initial']['fvu']:>9.4f} {facts['final']['fvu']:>10.4f} "
-                f"{facts['final']['l0']:>5.1f} {facts['final']['dead_fraction']:>7.2%}")
+                f"{facts['final']['l0']:>5.1f} {facts['final']['dead_fraction']:>7.2%} {facts['init_seconds']:>7.2f}")
         say(f"{hook}: top {d_model // 2} principal directions hold {block['variance_share_top_half_pcs']:.1%} "
             f"of the variance; {block['tokens']:,} training tokens")
     say(f"written: {args.out / 'result.json'} ({summary['seconds']:.0f} s)")

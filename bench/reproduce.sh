@@ -21,3 +21,4 @@ bash bench/make_peers_env.sh
 .venv/bin/python bench/generate_overhead.py
 .venv/bin/python bench/loader_throughput.py
 .venv/bin/python bench/sae_step.py
+.venv/bin/python bench/profile_step.py

@@ -190,7 +190,9 @@ class TrainConfig(StrictModel):
     checkpoint_every_tokens: int | None = Field(None, ge=1)
     """save a resumable checkpoint every this many tokens (null = none)"""
     log_every_steps: int = Field(10, ge=1)
-    """steps between lines of train_log.jsonl"""
+    """steps between lines of train_log.jsonl (the last step of a run is always logged)"""
+    log_every_tokens: int | None = Field(None, ge=1)
+    """tokens between lines of train_log.jsonl, rounded down to whole batches; replaces log_every_steps (null = use log_every_steps)"""
     logger: Literal["none", "wandb", "tensorboard"] = "none"
     """experiment tracker beside train_log.jsonl"""
     distribute: Literal["data", "variants"] = "data"
@@ -254,7 +256,7 @@ class ExperimentConfig(StrictModel):
     def _token_counts_hold_a_batch(self):
         # steps are tokens // loader.batch_size: less than one batch would round to nothing
         batch = self.loader.batch_size
-        for key in ("total_tokens", "checkpoint_every_tokens"):
+        for key in ("total_tokens", "checkpoint_every_tokens", "log_every_tokens"):
             tokens = getattr(self.train, key)
             if tokens is not None and tokens < batch:
                 raise ValueError(f"train.{key}={tokens} is less than one batch (loader.batch_size={batch}); "

@@ -60,7 +60,9 @@ def project(tmp_path_factory) -> Path:
     replace_once(dvc_yaml, "store_identity: data/minilm-l3.identity.json", "store_identity: data/tiny.identity.json")
     replace_once(dvc_yaml, "run: results/minilm-docstrings", "run: results/tiny")
     replace_once(dvc_yaml, "top_k: [16, 32, 64]", "top_k: [4]")  # one sweep member keeps the test fast
-    replace_once(dvc_yaml, "total_tokens: 131072", "total_tokens: 4096")
+    # 4 steps of 256, fewer than tiny's log_every_steps=5: the sweep's train_log.jsonl (a dvc
+    # output) must exist all the same
+    replace_once(dvc_yaml, "total_tokens: 131072", "total_tokens: 1024")
     run("git", "init", "-q", cwd=root)
     if not (root / ".dvc" / "config").is_file():
         run("dvc", "init", "-q", cwd=root)

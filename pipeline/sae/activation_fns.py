@@ -107,14 +107,19 @@ class ActFn:
     sparsity_loss: Literal["l1", "l0"] | None  # the trainer's penalty; None: sparse by construction
     threshold: Literal["log_threshold", "batchtopk_threshold"] | None  # the learned threshold tensor
     saelens_architecture: str  # as an SAE in SAELens (batchtopk runs there as a jumprelu)
+    # act(s * h) = s * act(h) for every s > 0 in training mode (no fixed threshold): the
+    # initial reconstruction is then quadratic in the decoder norm (initialize.py, step 4)
+    scale_equivariant: bool
 
 
 ACT_FNS = {
-    "relu": ActFn("relu", uses_top_k=False, row_top_k=False, sparsity_loss="l1", threshold=None, saelens_architecture="standard"),
-    "topk": ActFn("topk", uses_top_k=True, row_top_k=True, sparsity_loss=None, threshold=None, saelens_architecture="topk"),
+    "relu": ActFn("relu", uses_top_k=False, row_top_k=False, sparsity_loss="l1", threshold=None, saelens_architecture="standard",
+                  scale_equivariant=True),
+    "topk": ActFn("topk", uses_top_k=True, row_top_k=True, sparsity_loss=None, threshold=None, saelens_architecture="topk",
+                  scale_equivariant=True),
     "batchtopk": ActFn("batchtopk", uses_top_k=True, row_top_k=False, sparsity_loss=None, threshold="batchtopk_threshold",
-                       saelens_architecture="jumprelu"),
+                       saelens_architecture="jumprelu", scale_equivariant=True),
     "jumprelu": ActFn("jumprelu", uses_top_k=False, row_top_k=False, sparsity_loss="l0", threshold="log_threshold",
-                      saelens_architecture="jumprelu"),
+                      saelens_architecture="jumprelu", scale_equivariant=False),
 }
 ActFnName = Literal["relu", "topk", "batchtopk", "jumprelu"]

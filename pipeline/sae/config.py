@@ -132,7 +132,7 @@ class InitializerConfig(StrictModel):
     # Coarse then fine grid over the decoder row norm, keeping the one with the lowest
     # reconstruction MSE on (up to 4096 rows of) the sample; see initialize.py for the grid.
     grid_search_init_norm: bool = True
-    """pick the initial decoder row norm by a grid search on reconstruction MSE"""
+    """pick the initial decoder row norm minimizing reconstruction MSE on 4096 random sample rows (closed form for relu/topk/batchtopk, a grid search for jumprelu)"""
     # b_enc = -mean over the sample of the hidden pre-activation without b_enc: every latent's
     # mean pre-activation starts at 0 (exactly, GLU gate included).
     init_encoder_bias_with_mean_hidden_pre: bool = True
@@ -150,7 +150,7 @@ class InitializerConfig(StrictModel):
     # Decoder row norm when grid_search_init_norm is False (None = 0.1, Anthropic's April 2024
     # heuristic and SAELens' default).
     init_decoder_norm: float | None = Field(default=None, gt=0)
-    """decoder row norm without the grid search (null = 0.1)"""
+    """decoder row norm without the norm search (null = 0.1)"""
     n_samples: int = Field(default=100_000, gt=0)
     """rows drawn from the store's training split for the initialization"""
     seed: int = 0

@@ -9,13 +9,23 @@ All statistics are taken in the SAE's normalized space, in this order:
    (pipeline/sae/geometry.py), so every row lies in that span.
 3. b_dec (target space): all_zero | mean | geometric_median (a real Weiszfeld median from
    pipeline/sae/geometry.py; lm_saes' "geometric_median" was the mean).
-4. decoder row norm: with grid_search_init_norm, a coarse geometric grid of 13 norms from 0.01
-   to 10 (x1.78 steps), then 21 evenly spaced norms between best/1.78 and best*1.78; each
-   candidate is scored by the reconstruction MSE of the complete initial SAE (encoder, b_enc
-   rule and activation included) on the first GRID_SEARCH_ROWS rows of the sample. (lm_saes
-   searched 0.1..1 until February 2026, which misses the optimum of small-k TopK SAEs, often
-   > 1; it now searches linspace(0.1, 5.0, 50) and then a finer grid.) Otherwise
-   init_decoder_norm (default 0.1).
+4. decoder row norm, with grid_search_init_norm the one minimizing the reconstruction MSE of
+   the complete initial SAE (encoder, b_enc rule and activation included) on GRID_SEARCH_ROWS
+   rows drawn at random (seeded) from the whole sample: the sample comes chunk by chunk, so its
+   first rows would all be one chunk's, consecutive tokens of a few documents.
+   - relu, topk, batchtopk (ActFn.scale_equivariant): in closed form from one forward. With
+     every decoder row and encoder column at norm s and b_enc = s * b (its centering rule is
+     linear in the encoder), hidden_pre = s * h (a GLU gate keeps its weights); the latents
+     kept do not depend on s (the top k of s * h, or of its gate s^2 * h, are the top k of h;
+     BatchTopK's top k*B of the batch in training mode alike) and their values are
+     s * relu(h). So x_hat = b_dec + s^2 * r, r the reconstruction at s = 1 less b_dec, and
+     MSE(s) = E||e||^2 - 2 s^2 E<e, r> + s^4 E||r||^2 with e = target - b_dec: the optimum is
+     s^2 = E<e, r> / E||r||^2, clamped to the range the grid below could return.
+   - jumprelu (its threshold does not scale): a coarse geometric grid of 13 norms from 0.01
+     to 10 (x1.78 steps), then 21 evenly spaced norms between best/1.78 and best*1.78. (lm_saes
+     searched 0.1..1 until February 2026, which misses the optimum of small-k TopK SAEs, often
+     > 1; it now searches linspace(0.1, 5.0, 50) and then a finer grid.)
+   Otherwise init_decoder_norm (default 0.1).
 5. W_enc = W_dec.T (init_encoder_with_decoder_transpose) or independent random unit columns,
    at the same norm.
 6. b_enc: with init_encoder_bias_with_mean_hidden_pre, minus the sample mean of the hidden
@@ -40,7 +50,9 @@ from store.moments import norm_scale_factor
 
 GRID_SEARCH_ROWS = 4096
 COARSE_NORMS = [10 ** (-2 + i / 4) for i in range(13)]  # 0.01 .. 10
+COARSE_STEP = COARSE_NORMS[1] / COARSE_NORMS[0]
 FINE_STEPS = 21
+NORM_RANGE = (COARSE_NORMS[0] / COARSE_STEP, COARSE_NORMS[-1] * COARSE_STEP)  # what the grid can return
 DEFAULT_DECODER_NORM = 0.1
 _ROW_BLOCK = 4096  # rows per block when averaging over the whole sample
 
@@ -95,14 +107,20 @@ def initialize_sae(
             centering_encoder_bias(sae, x) if init_cfg.init_encoder_bias_with_mean_hidden_pre else torch.zeros_like(sae.b_enc)
         )
         if init_cfg.grid_search_init_norm:
-            say(f"decoder norm: grid search of {len(COARSE_NORMS) + FINE_STEPS} norms on {min(len(x), GRID_SEARCH_ROWS)} rows")
-            norm = grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x, target)
+            rows = scoring_rows(x.shape[0], init_cfg.seed)
+            scored_x, scored_target = x[rows.to(x.device)], target[rows.to(x.device)]
+            if sae_cfg.act.scale_equivariant:
+                say(f"decoder norm: closed form ({sae_cfg.act_fn}: MSE quadratic in norm^2), one forward on {len(rows)} rows")
+                norm = closed_form_decoder_norm(sae, directions, unit_encoder, unit_b_enc, scored_x, scored_target)
+            else:
+                say(f"decoder norm: grid search of {len(COARSE_NORMS) + FINE_STEPS} norms on {len(rows)} rows")
+                norm = grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, scored_x, scored_target)
             say(f"decoder norm: {norm:.4g}")
         else:
             norm = init_cfg.init_decoder_norm or DEFAULT_DECODER_NORM
         _apply_norm(sae, directions, unit_encoder, unit_b_enc, norm)
         if sae_cfg.act.threshold == "batchtopk_threshold":
-            sae.batchtopk_threshold.zero_()  # the grid's forward passes must not seed it
+            sae.batchtopk_threshold.zero_()  # the norm search's forward passes must not seed it
     return sae
 
 
@@ -211,10 +229,30 @@ def reconstruction_mse(sae: SparseAutoencoder, x: Tensor, target: Tensor) -> flo
     return float((target - x_hat).double().pow(2).sum(-1).mean())
 
 
+def scoring_rows(n: int, seed: int) -> Tensor:
+    """Indices of the (at most GRID_SEARCH_ROWS) sample rows the norm search scores: a seeded
+    random subset of all n, the same for the input and a transcoder's target."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:GRID_SEARCH_ROWS]
+
+
+@torch.no_grad()
+def closed_form_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x: Tensor, target: Tensor) -> float:
+    """The MSE-optimal decoder row norm of a scale-equivariant activation (module docstring,
+    step 4), from one forward at norm 1."""
+    _apply_norm(sae, directions, unit_encoder, unit_b_enc, 1.0)
+    x_hat, _ = sae(x)
+    bias = sae.b_dec.double()
+    r, e = x_hat.double() - bias, target.double() - bias
+    along, power = float((e * r).sum()), float((r * r).sum())
+    if not (math.isfinite(along) and math.isfinite(power)) or power <= 0:
+        return DEFAULT_DECODER_NORM  # nothing reconstructed: every norm scores alike
+    return min(max(math.sqrt(max(along / power, 0.0)), NORM_RANGE[0]), NORM_RANGE[1])
+
+
 @torch.no_grad()
 def grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x: Tensor, target: Tensor) -> float:
     """Coarse-then-fine search of the decoder row norm (module docstring, step 4)."""
-    x, target = x[:GRID_SEARCH_ROWS], target[:GRID_SEARCH_ROWS]
 
     def best(norms: list[float]) -> float:
         losses = {}
@@ -225,6 +263,5 @@ def grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, x: Tenso
         return min(finite, key=finite.get) if finite else DEFAULT_DECODER_NORM
 
     coarse = best(COARSE_NORMS)
-    step = COARSE_NORMS[1] / COARSE_NORMS[0]
-    low, high = coarse / step, coarse * step
+    low, high = coarse / COARSE_STEP, coarse * COARSE_STEP
     return best([low + (high - low) * i / (FINE_STEPS - 1) for i in range(FINE_STEPS)])

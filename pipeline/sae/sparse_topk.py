@@ -16,45 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.sae.encoder_kernel import pre_activations
+
 
 def pre_activations_no_grad(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """x @ W_enc + b_enc, (B, d_sae), with no autograd graph: the sparse path only selects from
-    it and takes its gradients through gathered_encoder_values. On the CPU in float32 this runs
-    oneDNN's inner product where torch has it: 15% faster than torch's matmul (MKL sgemm) on
-    the AMD EPYC cores measured (bench/sae_step.py); anywhere else, or if oneDNN fails, a matmul."""
+    it and takes its gradients through gathered_encoder_values. On the CPU in float32 by the
+    faster of torch's matmul and oneDNN's inner product, timed once per problem shape
+    (pipeline/sae/encoder_kernel.py)."""
     with torch.no_grad():
-        if _onednn_applies(x, W_enc):
-            try:
-                return torch.ops.mkldnn._linear_pointwise(x, W_enc.t(), b_enc, "none", [], "")
-            except RuntimeError:
-                _ONEDNN["usable"] = False
-        return (x @ W_enc).add_(b_enc)
-
-
-_ONEDNN: dict[str, bool | None] = {"usable": None}  # None: not checked yet
-
-
-def _onednn_applies(x: Tensor, W_enc: Tensor) -> bool:
-    if torch.compiler.is_compiling():  # inductor cannot lower the op on unpacked weights; it picks its own GEMM
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or W_enc.dtype != torch.float32 or x.dim() != 2:
-        return False
-    if _ONEDNN["usable"] is None:
-        _ONEDNN["usable"] = _onednn_matches_matmul()
-    return bool(_ONEDNN["usable"])
-
-
-def _onednn_matches_matmul() -> bool:
-    """The private inductor op exists and agrees with a matmul on a small case."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x, W, b = (torch.randn(shape, generator=generator) for shape in ((64, 48), (48, 96), (96,)))
-    try:
-        fast = torch.ops.mkldnn._linear_pointwise(x, W.t(), b, "none", [], "")
-    except RuntimeError:
-        return False
-    return fast.shape == (64, 96) and torch.allclose(fast, x @ W + b, rtol=1e-4, atol=1e-4)
+        return pre_activations(x, W_enc, b_enc)
 
 
 def latent_counts(indices: Tensor, d_sae: int, present: Tensor | None = None) -> Tensor:

@@ -115,7 +115,7 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
             step = trainers[0].step
             progress.update(1)
             record = getattr(trainers[0], "last_record", None)
-            if record and step % cfg.train.log_every_steps == 0:
+            if record and record["step"] == step:  # a line was logged at this step
                 progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
                                      tok_s=f"{record['tokens_per_second']:.0f}")
             if every and step % every == 0 and step < total_steps:

@@ -17,6 +17,7 @@ import torch
 from pipeline.config import ConfigError, ExperimentConfig, recorded_config
 from pipeline.distributed import SINGLE, Ranks
 from pipeline.files import append_line, remove_temporaries, write_text_atomically
+from pipeline.sae.encoder_kernel import kernel_choices, pin_kernel_choices
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
 from pipeline.sae.sparse_topk import gathered_encoder_values
@@ -39,6 +40,7 @@ class SAETrainer:
         self.ranks, self.writes = ranks, writes
         self.train_cfg = cfg.train
         self.total_steps = total_steps
+        self.log_every_steps = log_every_steps(cfg)
         device = sae.W_dec.device
         # fused: one kernel over all parameters (on the CPU 10x faster than the per-tensor loop,
         # ~10 ms a step at d_sae 3072); same Adam, same state dict.
@@ -127,7 +129,7 @@ class SAETrainer:
                 self._window.add(terms, loss, grad_norm, x_out, out, counts, (x_out - reconstruction).pow(2).sum())
         else:  # one factor for every row cancels: FVU in the normalized space is the raw one
             self._window.add(terms, loss, grad_norm, target, out, counts)
-        if self.step % cfg.log_every_steps == 0:
+        if self.step % self.log_every_steps == 0 or self.step == self.total_steps:  # a short run logs its end too
             self._log(multiplier * cfg.lr, k)
 
     def _sparsity_terms(self, out) -> dict[str, torch.Tensor]:
@@ -205,6 +207,7 @@ class SAETrainer:
             "clock": None,
             "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
             "log_window": window_info,  # the steps since the last log line: a resumed log matches
+            "encoder_kernels": kernel_choices(),  # a resume computes with the same kernels: bitwise
         }
         return save_checkpoint(
             self.checkpoint_dir,
@@ -236,6 +239,7 @@ class SAETrainer:
         self.tokens_since_fired = extras["tokens_since_fired"].to(device)
         if info.get("grad_scaler"):
             self.scaler.load_state_dict(info["grad_scaler"])
+        pin_kernel_choices(info.get("encoder_kernels") or {})
         if info.get("log_window"):
             window = {key[len("window."):]: value for key, value in extras.items() if key.startswith("window.")}
             if self.ranks.main:
@@ -274,6 +278,12 @@ class SAETrainer:
         kept = [line for line in self.log_path.read_text(errors="replace").splitlines()
                 if (step := _logged_step(line)) is not None and step <= self.step]
         write_text_atomically(self.log_path, "".join(line + "\n" for line in kept))
+
+
+def log_every_steps(cfg: ExperimentConfig) -> int:
+    """Steps between log lines: train.log_every_tokens in whole batches, else train.log_every_steps."""
+    tokens = cfg.train.log_every_tokens
+    return max(tokens // cfg.loader.batch_size, 1) if tokens else cfg.train.log_every_steps
 
 
 def _logged_step(line: str) -> int | None:

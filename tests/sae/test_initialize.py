@@ -8,8 +8,22 @@ import yaml
 
 from pipeline import InitializerConfig, SAEConfig
 from pipeline.config import ConfigError, validate_config
-from pipeline.sae.initialize import check_against_store, covariance, initialize_sae, reconstruction_mse
+from pipeline.sae.initialize import (
+    COARSE_STEP,
+    FINE_STEPS,
+    GRID_SEARCH_ROWS,
+    _apply_norm,
+    check_against_store,
+    covariance,
+    grid_search_decoder_norm,
+    initialize_sae,
+    reconstruction_mse,
+    scoring_rows,
+)
 from pipeline.sae.geometry import geometric_median, principal_components
+from store.reader import StoreReader
+from store.sampling import sample_rows
+from tests.store_fixtures import make_store
 
 D = 32
 HOOK = "blocks.0.hook_resid_post"
@@ -82,6 +96,66 @@ def test_grid_search_lowers_initial_mse_against_the_fixed_default_norm(act_fn):
     norms = searched.decoder_norms()
     assert torch.allclose(norms, norms[0].expand_as(norms)) and 0.01 <= float(norms[0]) <= 18
     assert initial_mse(searched, x) < 0.9 * initial_mse(fixed, x)
+
+
+@pytest.mark.parametrize(("act_fn", "glu", "transcoder"), [
+    ("topk", False, False), ("topk", False, True), ("batchtopk", False, False), ("relu", False, False),
+    ("relu", True, False), ("topk", True, False),
+])
+def test_closed_form_norm_is_the_grid_optimum_within_its_resolution(act_fn, glu, transcoder):
+    x = sparse_activations(n=6000, shift=5)
+    x_out = 3 * sparse_activations(n=6000, seed=1, shift=2) + 0.5 * x if transcoder else None
+    cfg = sae_cfg(act_fn=act_fn, use_glu_encoder=glu, hook_point_out=MLP_OUT if transcoder else HOOK)
+    said = []
+    sae = initialize_sae(cfg, init_cfg(), x, x_out, say=said.append)
+    assert any("closed form" in line for line in said) and not any("grid search" in line for line in said)
+    norm = float(sae.decoder_norms()[0])
+    with torch.no_grad():  # as initialize_sae searches
+        grid, closed_mse, grid_mse = _grid_answer(sae, norm, x, x_out)
+    # the fine grid around coarse c steps c (r - 1/r) / 20 (r = 1.78), and c <= r * grid
+    assert abs(norm - grid) <= 0.5 * COARSE_STEP * grid * (COARSE_STEP - 1 / COARSE_STEP) / (FINE_STEPS - 1)
+    assert closed_mse <= grid_mse * (1 + 1e-5)  # the exact optimum
+
+
+def _grid_answer(sae, norm: float, x, x_out) -> tuple[float, float, float]:
+    """(the grid's norm from the SAE's unit weights on the rows initialize_sae scored, the MSE
+    there at the SAE's norm, the MSE at the grid's)."""
+    directions, unit_encoder, unit_b_enc = sae.W_dec / norm, sae.W_enc / norm, sae.b_enc / norm
+    rows = scoring_rows(x.shape[0], seed=0)
+    scored_x = sae.normalize_input(x)[rows]
+    scored_target = sae.normalize_target(x if x_out is None else x_out, x)[rows]
+    grid = grid_search_decoder_norm(sae, directions, unit_encoder, unit_b_enc, scored_x, scored_target)
+    _apply_norm(sae, directions, unit_encoder, unit_b_enc, grid)
+    grid_mse = reconstruction_mse(sae, scored_x, scored_target)
+    _apply_norm(sae, directions, unit_encoder, unit_b_enc, norm)
+    return grid, reconstruction_mse(sae, scored_x, scored_target), grid_mse
+
+
+def test_jumprelu_keeps_the_grid_search():
+    said = []
+    initialize_sae(sae_cfg(act_fn="jumprelu"), init_cfg(init_log_jumprelu_threshold_value=math.log(0.05)),
+                   sparse_activations(), say=said.append)
+    assert any("grid search of 34 norms" in line for line in said) and not any("closed form" in line for line in said)
+
+
+def test_norm_search_scores_random_rows_of_the_whole_sample_not_its_first_chunk(tmp_path):
+    """sample_rows concatenates its rows chunk by chunk: in this geometry (as at MiniLM's: ~3.5k
+    rows a chunk in a 100k-row sample) the first GRID_SEARCH_ROWS rows come from 3 of 12 chunks."""
+    chunk, chunks = 4096, 13  # 12 training chunks and 1 held out
+    ids = torch.arange(chunk * chunks, dtype=torch.float32)[:, None].repeat(1, 4).numpy()
+    reader = StoreReader(make_store(tmp_path / "ids.zarr", {HOOK: ids}, chunk, store_dtype="float32"))
+    sample = sample_rows(reader, HOOK, 4 * GRID_SEARCH_ROWS, seed=0, heldout_chunks=1)
+
+    def chunks_of(rows: torch.Tensor) -> set[int]:
+        return {int(row) // chunk for row in rows[:, 0]}
+
+    assert len(chunks_of(sample[:GRID_SEARCH_ROWS])) <= 3  # what the search scored before
+    rows = scoring_rows(sample.shape[0], seed=0)
+    assert len(rows) == GRID_SEARCH_ROWS == len(set(rows.tolist()))
+    assert len(chunks_of(sample[rows])) == 12
+    assert torch.equal(rows, scoring_rows(sample.shape[0], seed=0))
+    assert not torch.equal(rows, scoring_rows(sample.shape[0], seed=1))
+    assert len(scoring_rows(100, seed=0)) == 100  # a smaller sample is scored whole
 
 
 def test_encoder_starts_as_decoder_transpose_with_centered_pre_activations():
