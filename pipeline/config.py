@@ -207,6 +207,11 @@ class EvaluateConfig(StrictModel):
     """sequences of held-out text for CE loss with the SAE spliced in (0 = skip)"""
     lm_eval_batch_size: int = Field(8, ge=1)
     """sequences per LM forward pass in the CE-loss evaluation"""
+    # SAELens' exclude_special_tokens (its default too): the SAE never trained on BOS rows when
+    # generate dropped them, and CE recovered then compares with SAELens'. Ablations replace
+    # every position either way, as SAELens' do.
+    exclude_special_tokens: bool = True
+    """CE/KL splice: keep the clean activation at BOS/EOS/pad positions (false = replace every position)"""
 
 
 class ExperimentConfig(StrictModel):
