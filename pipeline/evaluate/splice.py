@@ -10,8 +10,9 @@ the latents can be read (Splice.latents) or attributed.
 
 Special tokens. By default (exclude_special_tokens=True, SAELens' default too) positions holding
 a BOS, EOS or pad token keep their clean activation and their latents are 0: the SAE is not
-applied there. Generate drops those rows by default, so the SAE never trained on them (BOS
-activations are often huge outliers), and CE recovered then compares with SAELens'. The token
+applied there. Generate drops BOS and pad rows by default, so the SAE never trained on them (BOS
+activations are often huge outliers), and CE recovered then compares with SAELens', which
+excludes EOS too. The token
 ids come from the tokens the model's embedding reads (special_token_ids says which count);
 False splices every position; a collection of ids chooses them.
 
