@@ -187,6 +187,10 @@ class TrainConfig(StrictModel):
     """run the SAE's forward under torch.autocast in this dtype (null = off); float16 adds a GradScaler"""
     compile: bool = per_sae(False)
     """torch.compile the SAE's forward (fuses its elementwise work on a GPU; compiling costs ~a minute)"""
+    # The running estimate kept in training lags (held-out L0 12.4 for k=8 on configs/tiny.yaml);
+    # pipeline/train/calibrate.py sets the threshold from these rows instead.
+    batchtopk_calibration_rows: int = Field(65_536, ge=0)
+    """batchtopk: training rows on which the inference threshold is set at the end so that mean L0 = top_k (0 = keep the running estimate)"""
     checkpoint_every_tokens: int | None = Field(None, ge=1)
     """save a resumable checkpoint every this many tokens (null = none)"""
     log_every_steps: int = Field(10, ge=1)
@@ -215,6 +219,11 @@ class EvaluateConfig(StrictModel):
     """sequences of held-out text for CE loss with the SAE spliced in (0 = skip)"""
     lm_eval_batch_size: int = Field(8, ge=1)
     """sequences per LM forward pass in the CE-loss evaluation"""
+    # SAELens' exclude_special_tokens (its default too): the SAE never trained on BOS rows when
+    # generate dropped them, and CE recovered then compares with SAELens'. Ablations replace
+    # every position either way, as SAELens' do.
+    exclude_special_tokens: bool = True
+    """CE/KL splice: keep the clean activation at BOS/EOS/pad positions (false = replace every position)"""
 
 
 class ExperimentConfig(StrictModel):

@@ -3,16 +3,25 @@
 The splice (the one implementation; public as pipeline.spliced / pipeline.run_with_latents):
 `with spliced(model, {hook: sae}): model(tokens)` runs a TransformerLens model (HookedTransformer
 or TransformerBridge, or our LanguageModel) with each hook's activation replaced by its SAE's
-reconstruction of the raw activation, every position (heads of attn.hook_z flattened as the
-store does). keep_error=True adds the SAE's error term (x - x_hat) back, so the hook passes on x
-itself, bit for bit, while gradients reach the latents through x_hat: the model's output is
-unchanged and the latents can be read (Splice.latents) or attributed.
+reconstruction of the raw activation (heads of attn.hook_z flattened as the store does).
+keep_error=True adds the SAE's error term (x - x_hat) back, so the hook passes on x itself, bit
+for bit, while gradients reach the latents through x_hat: the model's output is unchanged and
+the latents can be read (Splice.latents) or attributed.
+
+Special tokens. By default (exclude_special_tokens=True, SAELens' default too) positions holding
+a BOS, EOS or pad token keep their clean activation and their latents are 0: the SAE is not
+applied there. Generate drops BOS and pad rows by default, so the SAE never trained on them (BOS
+activations are often huge outliers), and CE recovered then compares with SAELens', which
+excludes EOS too. The token
+ids come from the tokens the model's embedding reads (special_token_ids says which count);
+False splices every position; a collection of ids chooses them.
 
 Per batch of held-out sequences the model runs clean once, once per distinct target hook with
 that hook zero-ablated and mean-ablated (the dataset mean from the store), and once per SAE with
-the hook's activation replaced by the SAE's reconstruction. Splicing replaces every position,
-BOS included (the SAE never trained on BOS rows when generate dropped them, so a bad BOS
-reconstruction is part of the measured cost); the loss mask only decides which predictions count.
+the hook's activation replaced by the SAE's reconstruction. Ablations replace every position,
+special ones included, as SAELens' do (so a zero SAE, which leaves special positions clean,
+recovers exactly 0 only with exclude_special_tokens=False); the loss mask only decides which
+predictions count.
 
 A transcoder reads hook_point_in and writes hook_point_out: a first hook captures the input
 activation and a later hook of the same forward pass replaces the output with the transcoder's
@@ -27,7 +36,7 @@ A ratio whose denominator is 0 (ablation changes nothing) is None.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,6 +49,9 @@ from pipeline.generate.lm import LanguageModel
 from pipeline.sae.model import SparseAutoencoder
 
 Hook = tuple[str, Callable]
+# Tokenizer attributes of the ids a bare TransformerLens model's special tokens have (SAELens'
+# get_special_token_ids, plus [CLS]); our LanguageModel knows its own bos/eos/pad ids.
+SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "cls_token_id", "decoder_start_token_id")
 
 
 def next_token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,17 +75,30 @@ def replace_with(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 
 class Splice:
     """The fwd_hooks of SAEs spliced at their hooks; `latents` holds each SAE's latents of the
-    last forward pass, {hook: (batch, seq, d_sae)}."""
+    last forward pass, {hook: (batch, seq, d_sae)}. skip_ids: token ids whose positions keep
+    their clean activation (empty: none)."""
 
-    def __init__(self, saes: dict[str, SparseAutoencoder], keep_error: bool):
-        self.saes, self.keep_error = saes, keep_error
+    def __init__(self, saes: dict[str, SparseAutoencoder], keep_error: bool, skip_ids: frozenset[int] = frozenset()):
+        self.saes, self.keep_error, self.skip_ids = saes, keep_error, skip_ids
+        self.tokens: torch.Tensor | None = None  # (batch, seq) ids of the running forward pass
         self._inputs: dict[str, torch.Tensor] = {}  # a transcoder's input, captured upstream
-        self._outputs: dict[str, tuple] = {}  # hook -> (SAEOutput, leading shape)
+        self._outputs: dict[str, tuple] = {}  # hook -> (SAEOutput, leading shape, skipped rows or None)
 
     @property
     def latents(self) -> dict[str, torch.Tensor]:
         # dense only when asked for: evaluate's CE runs never pay for a (tokens, d_sae) tensor
-        return {hook: out.dense_feature_acts().reshape(*shape, -1) for hook, (out, shape) in self._outputs.items()}
+        latents = {}
+        for hook, (out, shape, skipped) in self._outputs.items():
+            dense = out.dense_feature_acts()
+            if skipped is not None:  # the SAE was not applied there
+                dense = dense.masked_fill(skipped[:, None], 0)
+            latents[hook] = dense.reshape(*shape, -1)
+        return latents
+
+    def capture_tokens(self, module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model's embedding: the token ids of this forward pass."""
+        tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("tokens"))
+        self.tokens = tokens if isinstance(tokens, torch.Tensor) and not tokens.is_floating_point() else None
 
     def fwd_hooks(self) -> list[Hook]:
         hooks = []
@@ -89,6 +114,16 @@ class Splice:
 
         return capture
 
+    def _skipped(self, activation: torch.Tensor) -> torch.Tensor | None:
+        """(batch, seq) bool: the positions of special tokens, None when nothing is skipped."""
+        if not self.skip_ids:
+            return None
+        if self.tokens is None or tuple(self.tokens.shape) != tuple(activation.shape[:2]):
+            raise ValueError("exclude_special_tokens needs the token ids the model's embedding reads (this forward pass "
+                             "started from something else); splice with exclude_special_tokens=False")
+        ids = torch.tensor(sorted(self.skip_ids), device=self.tokens.device)
+        return torch.isin(self.tokens, ids).to(activation.device)
+
     def _replace(self, key: str, sae: SparseAutoencoder) -> Callable:
         cfg = sae.cfg
 
@@ -98,15 +133,28 @@ class Splice:
                 if key not in self._inputs:
                     raise ValueError(f"transcoder input {cfg.hook_point_in!r} does not run before its output {cfg.hook_point_out!r}")
                 source = self._inputs.pop(key)
+            skipped = self._skipped(activation)
             flat = source.reshape(-1, cfg.d_model).to(sae.W_dec.device)  # heads (attn.hook_z) flatten as in the store
             x_hat, out = sae(sae.normalize_input(flat))
-            self._outputs[key] = (out, source.shape[:2])
+            self._outputs[key] = (out, source.shape[:2], None if skipped is None else skipped.reshape(-1).to(flat.device))
             x_hat = sae.denormalize_output(x_hat, flat).reshape(activation.shape).to(activation.device)
+            if skipped is not None:  # special positions pass on their clean activation
+                x_hat = torch.where(skipped.view(*skipped.shape, *[1] * (activation.dim() - 2)), activation, x_hat)
             if self.keep_error:  # value: x exactly; gradient: through x_hat, as x_hat + (x - x_hat).detach()
                 return (activation.detach() + (x_hat - x_hat.detach())).to(activation.dtype)
             return x_hat.to(activation.dtype)
 
         return replace
+
+
+def special_token_ids(model: Any) -> frozenset[int]:
+    """BOS/EOS/pad ids of `model`: our LanguageModel's own, else its tokenizer's (SPECIAL_TOKEN_ATTRS)."""
+    if isinstance(model, LanguageModel):
+        ids = (model.bos_id, model.eos_id, model.pad_id)
+    else:
+        tokenizer = getattr(model, "tokenizer", None)
+        ids = tuple(getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS)
+    return frozenset(int(i) for i in ids if isinstance(i, int))
 
 
 def _hooked_model(model: Any) -> Any:
@@ -131,26 +179,44 @@ def _by_hook(saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, model: A
 
 
 @contextmanager
-def spliced(model: Any, saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, *, keep_error: bool = False) -> Iterator[Splice]:
+def spliced(model: Any, saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, *, keep_error: bool = False,
+            exclude_special_tokens: bool | Collection[int] = True) -> Iterator[Splice]:
     """Inside the block, `model` runs with each SAE replacing its hook's activation (see the
     module docstring); yields the Splice, whose `latents` are those of the last forward pass.
-    saes: {hook: SAE} (a transcoder keyed by its hook_point_out) or one SAE."""
+    saes: {hook: SAE} (a transcoder keyed by its hook_point_out) or one SAE. exclude_special_tokens:
+    True keeps the clean activation at BOS/EOS/pad positions (special_token_ids), False splices
+    every position, a collection of token ids keeps those."""
     hooked = _hooked_model(model)
-    splice = Splice(_by_hook(saes, hooked), keep_error)
-    with hooked.hooks(fwd_hooks=splice.fwd_hooks()):
-        yield splice
+    if exclude_special_tokens is True:
+        skip_ids = special_token_ids(model)
+    else:
+        skip_ids = frozenset(int(i) for i in exclude_special_tokens) if exclude_special_tokens else frozenset()
+    splice = Splice(_by_hook(saes, hooked), keep_error, skip_ids)
+    embed = getattr(hooked, "embed", None)
+    if skip_ids and not isinstance(embed, torch.nn.Module):
+        raise ValueError(f"{type(hooked).__name__} has no `embed` module to read the token ids from; "
+                         "splice with exclude_special_tokens=False")
+    capture = embed.register_forward_pre_hook(splice.capture_tokens, with_kwargs=True) if skip_ids else None
+    try:
+        with hooked.hooks(fwd_hooks=splice.fwd_hooks()):
+            yield splice
+    finally:
+        if capture is not None:
+            capture.remove()
 
 
 @torch.no_grad()
 def run_with_latents(model: Any, saes: Mapping[str, SparseAutoencoder] | SparseAutoencoder, tokens: torch.Tensor | str | list[str],
-                     *, keep_error: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     *, keep_error: bool = True, exclude_special_tokens: bool | Collection[int] = True,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(logits, {hook: latents (batch, seq, d_sae)}) of `tokens` ((batch, seq) ids, or text,
     tokenized by the model's to_tokens, BOS first). keep_error (the default) leaves the logits
-    those of the clean model; False gives the spliced model's."""
+    those of the clean model; False gives the spliced model's. Latents are 0 at special-token
+    positions, where the SAE is not applied, unless exclude_special_tokens=False (see spliced)."""
     hooked = _hooked_model(model)
     if isinstance(tokens, (str, list)):
         tokens = hooked.to_tokens(tokens)
-    with spliced(hooked, saes, keep_error=keep_error) as splice:
+    with spliced(model, saes, keep_error=keep_error, exclude_special_tokens=exclude_special_tokens) as splice:
         logits = hooked(tokens, return_type="logits")
         return logits, splice.latents
 
@@ -183,8 +249,10 @@ def lm_metrics(
     saes: dict[str, SparseAutoencoder],
     hook_means: dict[str, torch.Tensor],
     batch_size: int,
+    exclude_special_tokens: bool = True,
 ) -> dict[str, dict]:
-    """{variant: metrics} for every SAE; hook_means holds the dataset mean of each hook_point_out."""
+    """{variant: metrics} for every SAE; hook_means holds the dataset mean of each hook_point_out;
+    exclude_special_tokens: keep clean activations at BOS/EOS/pad positions (see spliced)."""
     out_hooks = sorted({sae.cfg.hook_point_out for sae in saes.values()})
     clean = _Sums()
     ablated = {(hook, kind): _Sums() for hook in out_hooks for kind in ("zero", "mean")}
@@ -200,7 +268,7 @@ def lm_metrics(
                 losses, _ = next_token_losses(_logits(lm, tokens, ablation_hooks(hook, mean)), tokens)
                 ablated[hook, kind].add(losses, mask)
         for name, sae in saes.items():
-            with spliced(lm, sae):
+            with spliced(lm, sae, exclude_special_tokens=exclude_special_tokens):
                 losses, log_probs = next_token_losses(_logits(lm, tokens, []), tokens)
             with_sae[name].add(losses, mask, kl_per_token(clean_log_probs, log_probs))
             del log_probs
@@ -211,7 +279,8 @@ def lm_metrics(
         results[name] = summarize(
             clean.ce / counted, with_sae[name].ce / counted, ablated[hook, "zero"].ce / counted,
             ablated[hook, "mean"].ce / counted, with_sae[name].kl / counted,
-        ) | {"lm_eval_tokens": counted, "lm_eval_sequences": len(sequences), "lm_eval_source": sequences.source}
+        ) | {"lm_eval_tokens": counted, "lm_eval_sequences": len(sequences), "lm_eval_source": sequences.source,
+             "lm_eval_exclude_special_tokens": exclude_special_tokens}
     return results
 
 

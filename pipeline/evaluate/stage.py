@@ -112,7 +112,7 @@ def language_model_metrics(
         _say(f"the dataset has no documents after those the store consumed; language-model metrics on "
              f"{len(sequences)} sequences rebuilt from the held-out chunks' token rows")
     hook_means = {sae.cfg.hook_point_out: means.of(sae.cfg.hook_point_out).float() for sae in saes.values()}
-    return lm_metrics(lm, sequences, saes, hook_means, cfg.evaluate.lm_eval_batch_size)
+    return lm_metrics(lm, sequences, saes, hook_means, cfg.evaluate.lm_eval_batch_size, cfg.evaluate.exclude_special_tokens)
 
 
 def _skip_reason(cfg: ExperimentConfig, model: dict) -> str | None:

@@ -4,12 +4,17 @@ saeflow layout (save_sae / load_sae), a directory with
   sae.safetensors : the state dict (W_enc, b_enc, W_dec, b_dec, [W_enc_glu, b_enc_glu],
                     [log_threshold | batchtopk_threshold], norm_factor_in, norm_factor_out)
   config.json     : {"format", "version", "sae": SAEConfig as JSON, "normalization": {...}}
-By default dataset-wise normalization is folded into the weights first, so the saved SAE reads
-raw activations (config norm_activation="inference"); the factors it had are recorded.
+By default the SAE is saved in its inference form (inference_copy): dataset-wise normalization
+folded into the weights, so it reads raw activations (config norm_activation="inference"; the
+factors it had are recorded), and decoder rows at unit norm (SparseAutoencoder.fold_decoder_norms),
+so a latent's value is the norm of its contribution to the raw reconstruction, as in SAELens.
 
 SAELens layout (export_saelens): cfg.json + sae_weights.safetensors with W_enc, W_dec, b_enc,
-b_dec and, for jumprelu/batchtopk, threshold; architectures standard | topk | jumprelu for SAEs
-and transcoder | jumprelu_transcoder for transcoders.
+b_dec and, for jumprelu/batchtopk, threshold; the same inference form, so SAELens' encode,
+decode and forward equal load_sae's (tests/sae/test_saelens.py runs SAELens itself).
+Architectures as SAELens 6.54 saves them: standard | topk | jumprelu for SAEs (batchtopk as
+jumprelu with its threshold per latent, as SAELens saves its own BatchTopK SAEs) and
+transcoder | jumprelu_transcoder for transcoders.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
-# The cfg.json schema we write; SAELens converts configs that claim an older version.
-SAELENS_FORMAT_VERSION = "6.0.0"
+# The SAELens release whose cfg.json schema we write (and test against); SAELens converts
+# configs that claim a version before 6.0.
+SAELENS_FORMAT_VERSION = "6.54.12"
 
 
 class SAEFileError(ConfigError):
@@ -45,19 +51,21 @@ class SAEFileError(ConfigError):
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path, *, fold_normalization: bool = True) -> Path:
     """Write sae.safetensors + config.json into directory (created); returns the directory.
-    fold_normalization=False keeps the training-time form (buffers hold the factors)."""
+    fold_normalization=False keeps the training-time form (buffers hold the factors, decoder
+    rows as trained); True saves inference_copy(sae)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     factors = {"norm_factor_in": float(sae.norm_factor_in), "norm_factor_out": float(sae.norm_factor_out)}
     folded = fold_normalization and sae.cfg.norm_activation == "dataset-wise"
-    if folded:
-        sae = _folded_copy(sae)
+    unit_rows = False
+    if fold_normalization:
+        sae, unit_rows = inference_copy(sae)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in sae.state_dict().items()}
     config = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "sae": sae.cfg.model_dump(mode="json"),
-        "normalization": {"folded": folded, **factors},
+        "normalization": {"folded": folded, "unit_decoder_rows": unit_rows, **factors},
     }
     write_file_atomically(directory / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
     write_text_atomically(directory / CONFIG_FILE, json.dumps(config, indent=2))
@@ -123,8 +131,7 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
     cfg = sae.cfg
     if cfg.use_glu_encoder:
         raise ValueError("SAELens has no GLU encoder; export an SAE trained with use_glu_encoder=False")
-    if cfg.norm_activation == "dataset-wise":
-        sae = _folded_copy(sae)
+    sae, _ = inference_copy(sae)
     normalize = "constant_norm_rescale" if cfg.norm_activation == "token-wise" else "none"
     architecture, extra = _saelens_architecture(cfg)
     if cfg.is_transcoder and normalize != "none":
@@ -144,6 +151,7 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
         "hook_name": cfg.hook_point_in,
         "model_name": model_name,
+        "training_architecture": cfg.act_fn,
         "exported_by": "saeflow",
         **(provenance or {}),
     }
@@ -157,7 +165,8 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
         "device": "cpu",
         "apply_b_dec_to_input": False,  # our encoder reads x, not x - b_dec
         "normalize_activations": normalize,
-        "reshape_activations": "none",
+        # heads of attn.hook_z arrive as (..., n_heads, d_head) in SAELens; we trained on them flattened
+        "reshape_activations": "hook_z" if cfg.hook_point_in.endswith("hook_z") else "none",
         "metadata": metadata,
         **extra,
     }
@@ -175,7 +184,8 @@ def _saelens_architecture(cfg: SAEConfig) -> tuple[str, dict]:
             raise ValueError("SAELens has no TopK transcoder; export topk SAEs or relu/jumprelu/batchtopk transcoders")
         return ("transcoder" if architecture == "standard" else "jumprelu_transcoder"), {"d_out": cfg.d_model}
     if architecture == "topk":
-        # SAELens ranks hidden_pre * ||W_dec row|| and decodes acts / norm: our gate exactly
+        # SAELens ranks hidden_pre * ||W_dec row|| and decodes acts / norm: our gate exactly (a
+        # no-op on the unit rows of the inference form, as on SAELens' own saved TopK SAEs)
         return "topk", {"k": cfg.top_k, "rescale_acts_by_decoder_norm": cfg.sparsity_include_decoder_norm}
     return architecture, {}
 
@@ -189,8 +199,15 @@ def _threshold_on_hidden_pre(sae: SparseAutoencoder) -> torch.Tensor:
     return threshold
 
 
-def _folded_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
+def inference_copy(sae: SparseAutoencoder) -> tuple[SparseAutoencoder, bool]:
+    """(copy of sae in its inference form, whether its decoder rows are unit-norm): dataset-wise
+    normalization folded, then decoder norms folded (fold_decoder_norms; rows already unit to
+    rounding are left alone, so saving a loaded SAE again changes nothing). The SAE computes
+    the same reconstructions; latents scale by their rows' norms."""
     folded = copy.deepcopy(sae)
     folded.fold_normalization()
-    return folded
-
+    norms = folded.decoder_norms().detach().double()
+    norms = norms[norms > 0]  # zero rows stay zero
+    if norms.numel() == 0 or float((norms - 1).abs().max()) <= 8 * torch.finfo(folded.W_dec.dtype).eps:
+        return folded, True
+    return folded, folded.fold_decoder_norms()

@@ -24,6 +24,7 @@ from pipeline.files import write_text_atomically
 from pipeline.sae.initialize import check_against_store, initialize_sae
 from pipeline.sae.io import export_saelens, save_sae
 from pipeline.sae.model import SparseAutoencoder
+from pipeline.train.calibrate import calibrate_after_training
 from pipeline.train.checkpoint import checkpoint_path, saved_steps
 from pipeline.train.report import write_heldout_report
 from pipeline.train.run_record import finish_record, finished_here, start_record
@@ -247,7 +248,14 @@ def _finish(trainer: SAETrainer, reader: StoreReader) -> Path:
         heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32, device=sae.W_dec.device,
         pin_memory=cfg.loader.pin_memory,
     )
+    calibration = calibrate_after_training(sae, cfg, reader)  # before the held-out report, which measures it
+    if calibration:
+        _say(f"{trainer.name}: BatchTopK threshold {calibration['running_estimate']:.4g} (running estimate) -> "
+             f"{calibration['calibrated']:.4g}, mean L0 {calibration['l0_on_calibration_rows']:.2f} on "
+             f"{calibration['rows']} training rows")
     metrics = write_heldout_report(trainer, loader)
+    if calibration:
+        metrics["batchtopk_threshold"] = calibration
     save_sae(sae, trainer.out_dir)
     manifest = reader.manifest  # what SAELens users expect to know about the activations
     export_saelens(sae, trainer.out_dir / "saelens", model_name=(manifest.get("model") or {}).get("name"), provenance={

@@ -19,7 +19,7 @@ from pipeline.evaluate.sequences import HELDOUT_STORE_ROWS, HELDOUT_TEXT, first_
 from pipeline.evaluate.stage import HISTOGRAM_FILE, METRICS_FILE, evaluate
 from pipeline.generate.stage import generate
 from pipeline.generate.lm import load_language_model
-from pipeline.evaluate.splice import kl_per_token, next_token_losses, spliced
+from pipeline.evaluate.splice import kl_per_token, lm_metrics, next_token_losses, spliced
 from pipeline.sae.model import SparseAutoencoder
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.io import save_sae
@@ -109,20 +109,55 @@ def test_identity_sae_recovers_all_of_the_loss(spliced_run):
     assert metrics["lm_eval_tokens"] == 6 * 62  # 63 predictions per window, minus the one from BOS
 
 
-def test_zero_sae_recovers_none_of_the_loss(spliced_run):
-    metrics = spliced_run[0]["zero"]
+def test_zero_sae_recovers_none_of_the_loss_when_every_position_is_spliced(spliced_run, tiny_store, lm):
+    cfg = tiny_config(tiny_store, "evaluate.lm_eval_sequences=6")
+    sequences = heldout_sequences(cfg, lm, StoreReader(cfg.generate.store), 6)
+    zero = constant_sae(D, torch.zeros(D))
+    mean = torch.zeros(D)
+    metrics = lm_metrics(lm, sequences, {"zero": zero}, {RESID: mean}, 4, exclude_special_tokens=False)["zero"]
     assert metrics["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     assert metrics["ce_loss_spliced"] == pytest.approx(metrics["ce_loss_zero_ablation"], abs=1e-9)
-    assert metrics["fvu"] > 1  # worse than predicting the dataset mean
-    assert metrics["kl_divergence"] > 0
+    assert metrics["kl_divergence"] > 0 and metrics["lm_eval_exclude_special_tokens"] is False
+    default = spliced_run[0]["zero"]  # evaluate's default keeps BOS/EOS/pad clean: not a zero ablation any more
+    assert default["fvu"] > 1  # worse than predicting the dataset mean
+    assert default["lm_eval_exclude_special_tokens"] is True
+    assert default["ce_loss_zero_ablation"] == pytest.approx(metrics["ce_loss_zero_ablation"], rel=1e-9)
+    assert abs(default["ce_loss_spliced"] - metrics["ce_loss_spliced"]) > 1e-3
 
 
-def test_transcoder_is_spliced_at_its_output_hook(spliced_run):
+def test_by_default_the_splice_keeps_special_token_positions_clean(spliced_run, tiny_store, lm):
+    """evaluate's CE with the zero SAE is that of the model with the hook zeroed everywhere but at
+    BOS/EOS/pad positions (SAELens' exclude_special_tokens), computed here without the splice."""
+    cfg = tiny_config(tiny_store)
+    sequences = heldout_sequences(cfg, lm, StoreReader(cfg.generate.store), 6)
+    special = torch.isin(sequences.tokens, torch.tensor([lm.bos_id, lm.eos_id, lm.pad_id]))
+    assert special[:, 0].all() and special[:, 1:].any()  # BOS first, EOS between documents
+
+    def zero_but_special(activation, hook):
+        return activation * special[..., None]
+
+    with torch.inference_mode():
+        logits = lm.model.run_with_hooks(sequences.tokens, return_type="logits", fwd_hooks=[(RESID, zero_but_special)])
+    losses, _ = next_token_losses(logits, sequences.tokens)
+    expected = float(losses[sequences.loss_mask].double().mean())
+    assert spliced_run[0]["zero"]["ce_loss_spliced"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_transcoder_is_spliced_at_its_output_hook(spliced_run, tiny_store, lm):
     results = spliced_run[0]
     transcoder = results["mean-transcoder"]
-    # It predicts the dataset mean of blocks.1.hook_mlp_out: exactly a mean ablation there.
-    assert transcoder["ce_loss_spliced"] == pytest.approx(transcoder["ce_loss_mean_ablation"], abs=1e-9)
-    assert transcoder["ce_loss_recovered_vs_mean_ablation"] == pytest.approx(0.0, abs=1e-6)
+    # It predicts the dataset mean of blocks.1.hook_mlp_out: a mean ablation there, once every
+    # position is spliced (by default special positions keep their clean activation)
+    cfg = tiny_config(tiny_store)
+    sequences = heldout_sequences(cfg, lm, StoreReader(cfg.generate.store), 6)
+    mean = store_moments(StoreReader(cfg.generate.store), MLP_OUT, heldout_chunks=cfg.loader.heldout_chunks,
+                         track_covariance=False).mean.float()
+    everywhere = lm_metrics(lm, sequences, {"t": constant_sae(D, mean, hook_in=RESID, hook_out=MLP_OUT)}, {MLP_OUT: mean}, 4,
+                            exclude_special_tokens=False)["t"]
+    assert everywhere["ce_loss_spliced"] == pytest.approx(everywhere["ce_loss_mean_ablation"], abs=1e-9)
+    assert everywhere["ce_loss_recovered_vs_mean_ablation"] == pytest.approx(0.0, abs=1e-6)
+    assert everywhere["ce_loss_mean_ablation"] == pytest.approx(transcoder["ce_loss_mean_ablation"], rel=1e-9)
+    assert transcoder["ce_loss_spliced"] != pytest.approx(transcoder["ce_loss_mean_ablation"], abs=1e-4)
     assert transcoder["ce_loss_zero_ablation"] != pytest.approx(results["identity"]["ce_loss_zero_ablation"])
     assert transcoder["ce_loss_clean"] == results["identity"]["ce_loss_clean"]
 
@@ -156,7 +191,12 @@ def test_transcoder_splice_reads_its_input_hook(tiny_store, lm):
     with torch.inference_mode():
         inputs = lm.run_hooks(tokens, [RESID])[RESID]
         predicted = transcoder.reconstruct(inputs.reshape(-1, D)).reshape(inputs.shape)
-        expected = lm.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(MLP_OUT, lambda act, hook: predicted)])
+        special = torch.isin(tokens, torch.tensor([lm.bos_id, lm.eos_id, lm.pad_id]))[..., None]  # kept clean
+
+        def replace(activation, hook):
+            return torch.where(special, activation, predicted)
+
+        expected = lm.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(MLP_OUT, replace)])
         with spliced(lm, transcoder):
             spliced_logits = lm.model(tokens, return_type="logits")
         clean = lm.model(tokens, return_type="logits")

@@ -67,21 +67,57 @@ def test_without_the_error_term_it_gives_evaluates_spliced_ce(trained, lm):
 
 
 def test_run_with_latents_returns_the_latents_of_new_text(trained, lm):
+    """The SAE's latents of the hook's activations, 0 at the special tokens ([CLS] ... [SEP] here)
+    where the SAE is not applied, unless asked for every position."""
     _, sae, _, _ = trained
     text = "Return the number of items in the container, or raise TypeError."
     logits, latents = run_with_latents(lm, sae, text)
     tokens = lm.model.to_tokens(text)
+    special = torch.isin(tokens, torch.tensor([lm.bos_id, lm.eos_id, lm.pad_id]))
+    assert special[0, 0] and special[0, -1] and not special[0, 1:-1].any()
     hook = sae.cfg.hook_point_in
     activations = lm.run_hooks(tokens, [hook])[hook]
     with torch.no_grad():
         expected = sae.encode(activations.reshape(-1, sae.cfg.d_model)).reshape(*tokens.shape, -1)
         clean = lm.model(tokens, return_type="logits")
     assert latents[hook].shape == (1, tokens.shape[1], sae.cfg.d_sae)
-    torch.testing.assert_close(latents[hook], expected, rtol=1e-5, atol=1e-5)
-    assert ((latents[hook] != 0).sum(-1) == sae.cfg.top_k).all()
+    torch.testing.assert_close(latents[hook][~special], expected[~special], rtol=1e-5, atol=1e-5)
+    assert ((latents[hook][~special] != 0).sum(-1) == sae.cfg.top_k).all()
+    assert not latents[hook][special].any()
     assert torch.equal(logits, clean)
+    _, everywhere = run_with_latents(lm, sae, tokens, exclude_special_tokens=False)
+    torch.testing.assert_close(everywhere[hook], expected, rtol=1e-5, atol=1e-5)
     spliced_logits, _ = run_with_latents(lm, {hook: sae}, tokens, keep_error=False)
     assert (spliced_logits - clean).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_special_token_positions_pass_on_their_clean_activation(trained, lm):
+    """BOS, EOS and pad positions keep the clean activation (SAELens' exclude_special_tokens);
+    every other position gets the reconstruction; exclude_special_tokens=False replaces all."""
+    _, sae, _, sequences = trained
+    tokens = sequences.tokens[:2].clone()
+    tokens[1, -3:] = lm.pad_id  # the held-out windows are packed: add padding by hand
+    special = torch.isin(tokens, torch.tensor([lm.bos_id, lm.eos_id, lm.pad_id]))
+    assert all((tokens == i).any() for i in (lm.bos_id, lm.eos_id, lm.pad_id))
+    hook = sae.cfg.hook_point_out
+    clean = lm.run_hooks(tokens, [hook])[hook]
+    reconstruction = sae.reconstruct(clean.reshape(-1, sae.cfg.d_model)).reshape(clean.shape)
+    passed_on = {}
+
+    def record(activation, hook):
+        passed_on["value"] = activation.clone()
+
+    for exclude in (True, False):
+        with spliced(lm, sae, exclude_special_tokens=exclude), lm.model.hooks(fwd_hooks=[(hook, record)]):
+            lm.model(tokens, return_type="logits")
+        value = passed_on["value"]
+        if exclude:
+            assert torch.equal(value[special], clean[special])
+        else:
+            torch.testing.assert_close(value[special], reconstruction[special], rtol=1e-5, atol=1e-5)
+            assert (value[special] - clean[special]).abs().max() > 1e-2
+        torch.testing.assert_close(value[~special], reconstruction[~special], rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_the_latents_through_the_error_term(trained, lm):

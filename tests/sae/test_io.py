@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
-from pipeline.sae.io import SAEFileError, export_saelens, load_sae, save_sae
+from pipeline.sae.io import SAEFileError, export_saelens, inference_copy, load_sae, save_sae
 
 D = 32
 D_SAE = 128
@@ -50,17 +50,26 @@ def raw_inputs(n: int = 64) -> torch.Tensor:
     ],
 )
 def test_round_trip_is_exact(tmp_path, overrides):
+    """What is saved is the inference form (unit decoder rows), read back bit for bit; saving a
+    loaded SAE again changes nothing."""
     sae = trained_like_sae(**overrides)
-    save_sae(sae, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae.safetensors"]
-    loaded = load_sae(tmp_path)
+    save_sae(sae, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "sae.safetensors"]
+    loaded = load_sae(tmp_path / "a")
     assert loaded.cfg == sae.cfg and not loaded.training
-    saved, restored = sae.state_dict(), loaded.state_dict()
+    expected, _ = inference_copy(sae)
+    saved, restored = expected.state_dict(), loaded.state_dict()
     assert saved.keys() == restored.keys()
     for name in saved:
         assert saved[name].dtype == restored[name].dtype and torch.equal(saved[name], restored[name]), name
     x = raw_inputs()
-    assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
+    assert torch.equal(loaded.reconstruct(x), expected.reconstruct(x))
+    before = sae.reconstruct(x).double()  # the same function, up to one rounding per weight
+    relative = float((loaded.reconstruct(x).double() - before).norm() / before.norm())
+    assert relative < (1e-2 if sae.cfg.dtype == torch.bfloat16 else 1e-6)
+    save_sae(loaded, tmp_path / "b")
+    again = load_sae(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
 
 
 def test_unfolded_save_keeps_the_training_form(tmp_path):
@@ -140,55 +149,71 @@ def test_load_refuses_a_damaged_sae_in_one_line(tmp_path, case):
     assert "\n" not in str(error.value) and f"restore {tmp_path} from a copy" in str(error.value)
 
 
-def saelens_forward(cfg: dict, weights: dict, x: torch.Tensor) -> torch.Tensor:
-    """SAELens 6 inference math for the architectures we export (apply_b_dec_to_input=False)."""
+def saelens_forward(cfg: dict, weights: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, reconstruction) by SAELens 6 inference math for the architectures we export
+    (apply_b_dec_to_input=False); tests/sae/test_saelens.py checks it against SAELens itself."""
     scale = math.sqrt(cfg["d_in"]) / x.norm(dim=-1, keepdim=True) if cfg["normalize_activations"] == "constant_norm_rescale" else 1.0
     hidden_pre = (x * scale) @ weights["W_enc"] + weights["b_enc"]
     W_dec = weights["W_dec"]
     if cfg["architecture"] in ("standard", "transcoder"):
         acts = hidden_pre.relu()
     elif cfg["architecture"] in ("jumprelu", "jumprelu_transcoder"):
-        acts = hidden_pre.relu() * (hidden_pre > weights["threshold"].relu())
-    else:  # topk
+        acts = hidden_pre.relu() * (hidden_pre > weights["threshold"])
+    else:  # topk: encode ranks and returns hidden_pre * ||W_dec row||, decode divides by it
         norms = W_dec.norm(dim=-1)
         if cfg["rescale_acts_by_decoder_norm"]:
             hidden_pre = hidden_pre * norms
         top = hidden_pre.topk(cfg["k"], dim=-1)
         acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
-        if cfg["rescale_acts_by_decoder_norm"]:
-            acts = acts / norms
-    return (acts @ W_dec + weights["b_dec"]) / scale
+        decoded = (acts / norms if cfg["rescale_acts_by_decoder_norm"] else acts) @ W_dec
+        return acts, (decoded + weights["b_dec"]) / scale
+    return acts, (acts @ W_dec + weights["b_dec"]) / scale
 
 
-@pytest.mark.parametrize(
-    ("overrides", "architecture"),
-    [
-        (dict(act_fn="relu"), "standard"),
-        (dict(act_fn="topk"), "topk"),
-        (dict(act_fn="topk", sparsity_include_decoder_norm=False), "topk"),
-        (dict(act_fn="jumprelu"), "jumprelu"),
-        (dict(act_fn="batchtopk"), "jumprelu"),
-        (dict(act_fn="topk", norm_activation="token-wise"), "topk"),
-        (dict(act_fn="relu", hook_point_out="blocks.2.hook_mlp_out"), "transcoder"),
-        (dict(act_fn="jumprelu", hook_point_out="blocks.2.hook_mlp_out"), "jumprelu_transcoder"),
-    ],
-)
-def test_saelens_export_reproduces_our_outputs(tmp_path, overrides, architecture):
+EXPORTS = [
+    (dict(act_fn="relu"), "standard"),
+    (dict(act_fn="topk"), "topk"),
+    (dict(act_fn="topk", sparsity_include_decoder_norm=False), "topk"),
+    (dict(act_fn="jumprelu"), "jumprelu"),
+    (dict(act_fn="jumprelu", sparsity_include_decoder_norm=False), "jumprelu"),
+    (dict(act_fn="batchtopk"), "jumprelu"),
+    (dict(act_fn="topk", norm_activation="token-wise"), "topk"),
+    (dict(act_fn="relu", hook_point_out="blocks.2.hook_mlp_out"), "transcoder"),
+    (dict(act_fn="jumprelu", hook_point_out="blocks.2.hook_mlp_out"), "jumprelu_transcoder"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "architecture"), EXPORTS)
+def test_saelens_export_reproduces_our_latents_and_outputs(tmp_path, overrides, architecture):
+    """SAELens' formulas on the export give the latents and reconstructions of the saved SAE;
+    its decoder rows are unit-norm (the one case that cannot move its norms keeps them: TopK
+    ranked by hidden_pre alone, with unequal norms)."""
     sae = trained_like_sae(dtype=torch.float64, **overrides)
-    export_saelens(sae, tmp_path, model_name="minilm")
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    weights = load_file(str(tmp_path / "sae_weights.safetensors"))
+    export_saelens(sae, tmp_path / "saelens", model_name="minilm")
+    ours = load_sae(save_sae(sae, tmp_path / "saeflow"))
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    weights = load_file(str(tmp_path / "saelens" / "sae_weights.safetensors"))
     assert cfg["architecture"] == architecture
     assert cfg["d_in"] == D and cfg["d_sae"] == D_SAE and cfg["apply_b_dec_to_input"] is False
     assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "minilm"
-    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.") and cfg["metadata"]["training_architecture"] == sae.cfg.act_fn
     expected_names = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if "jumprelu" in architecture else set())
     assert set(weights) == expected_names
     assert weights["W_enc"].shape == (D, D_SAE) and weights["W_dec"].shape == (D_SAE, D)
     if sae.cfg.is_transcoder:
         assert cfg["d_out"] == D and cfg["metadata"]["hook_name_out"] == "blocks.2.hook_mlp_out"
+    norms = weights["W_dec"].norm(dim=-1)
+    if overrides.get("sparsity_include_decoder_norm") is False and sae.cfg.act_fn == "topk":
+        assert torch.equal(weights["W_dec"], ours.W_dec) and norms.std() > 0.1
+    else:
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-12)
+        torch.testing.assert_close(ours.decoder_norms(), norms, rtol=0, atol=0)
     x = raw_inputs().double()
-    assert torch.allclose(saelens_forward(cfg, weights, x), sae.reconstruct(x), atol=1e-9)
+    latents, reconstruction = saelens_forward(cfg, weights, x)
+    assert (latents != 0).sum() > 0
+    torch.testing.assert_close(latents, ours.encode(x), rtol=0, atol=1e-9)
+    torch.testing.assert_close(reconstruction, sae.reconstruct(x), rtol=0, atol=1e-9)
+    torch.testing.assert_close(reconstruction, ours.reconstruct(x), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -213,4 +238,4 @@ def test_an_sae_saved_on_a_gpu_loads_where_there_is_none(tmp_path):
     loaded = load_sae(tmp_path)
     expected_device = "cuda" if torch.cuda.is_available() else "cpu"
     assert loaded.W_enc.device.type == expected_device
-    assert torch.equal(load_sae(tmp_path, device="cpu").W_dec, sae.W_dec)
+    assert torch.equal(load_sae(tmp_path, device="cpu").W_dec, inference_copy(sae)[0].W_dec)
