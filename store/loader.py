@@ -1,8 +1,9 @@
 """Shuffled, prefetching, resumable batches of activation rows from a store.
 
 Reading plan (store/shuffle.py): each group (one buffer-load of `shuffle_buffer_chunks` chunks'
-worth of rows) is a stratified sample of `slice_rows`-row slices from across the whole training
-split, its rows shuffled together; each epoch deals every slice to exactly one group. Batch b is
+worth of rows) is a random sample of `slice_rows`-row slices (default: single rows) from across
+the whole training split, its rows shuffled together; each epoch deals every slice to exactly
+one group, so with single rows an epoch is a global shuffle. Batch b is
 a pure function of (seed, epoch, rank, group), so a saved cursor restores the exact remaining
 stream. The split itself (which chunks are held out) is store/split.py's.
 
@@ -38,7 +39,7 @@ from store.dtypes import TORCH_DTYPES, numpy_dtype
 from store.format import StoreError
 from store.producer import END, Group, Producer
 from store.reader import StoreReader
-from store.shuffle import Cursor, Pieces, ShufflePlan, default_slice_rows
+from store.shuffle import Cursor, Pieces, ShufflePlan
 from store.staging import DeviceBatches, HostBatches
 
 Batch = dict[str, torch.Tensor]  # {hook: (rows, d) tensor}; row i of every hook is the same token
@@ -56,8 +57,8 @@ class ActivationLoader:
     pin_memory: page-locked batches and non_blocking copies when device is CUDA; ignored otherwise.
     max_rows: stop after this many rows in total (counted from the start of the run, including
         rows yielded before a restored cursor; per rank). None: training never ends.
-    slice_rows: rows read together from a chunk (store/shuffle.py); None: the default, enough
-        slices per group for about one row per slice in a batch. chunk_rows reads whole chunks.
+    slice_rows: rows read together from a chunk (store/shuffle.py): 1 (the default) gives a
+        global shuffle of every epoch; chunk_rows reads whole chunks (fewest reads, least mixing).
     rank/world_size: data-parallel sharding by group (see store/shuffle.py).
     num_workers: reader threads; prefetch_batches: finished batches queued ahead of the consumer.
     verify: check each chunk against its recorded checksum the first time it is read (when
@@ -78,7 +79,7 @@ class ActivationLoader:
         shuffle: bool = True,
         seed: int = 0,
         shuffle_buffer_chunks: int = 8,
-        slice_rows: int | None = None,
+        slice_rows: int = 1,
         prefetch_batches: int = 4,
         num_workers: int = 1,
         heldout_chunks: int = 1,
@@ -111,7 +112,7 @@ class ActivationLoader:
         if shuffle_buffer_chunks < 1:
             raise StoreError(f"shuffle_buffer_chunks must be >= 1, got {shuffle_buffer_chunks}")
         buffer_rows = shuffle_buffer_chunks * self.reader.chunk_rows
-        self.slice_rows = slice_rows or default_slice_rows(buffer_rows, batch_size, self.reader.chunk_rows)
+        self.slice_rows = min(slice_rows, self.reader.chunk_rows)
         self.rank, self.world_size = rank, world_size
         if split == "train" and shuffle:
             sizes = tuple((r.chunk, r.rows) for r in train)

@@ -7,19 +7,14 @@ rows before it.
 Why slices: rows within a chunk are consecutive tokens of a few documents, so a buffer of whole
 chunks gives batches of few documents from a few regions of the corpus, shared by many steps.
 Instead every training chunk (store/split.py says which) is cut into slices of `slice_rows`
-consecutive rows, and a group (one buffer-load, `buffer_rows` rows: shuffle_buffer_chunks
-chunks' worth) gathers K = buffer_rows / slice_rows slices from across the whole training split:
-
-- Stratified: the epoch's slices, in store order, are cut into K strata of G consecutive slices
-  (G = groups per epoch); group g takes slot (sigma(g) + c_j) mod G of stratum j, where sigma
-  is a permutation of the groups and c_j a random offset per stratum, both drawn from
-  (seed, epoch). Each slot of each stratum is used by exactly one group, so every row is read
-  exactly once per epoch, and each group is an even cross-section of the corpus (its mean
-  position is the corpus' middle, so consecutive batches do not share a region). The plan costs
-  O(G + K) memory per epoch, whatever the store's size.
-- A group's rows are then permuted together (seeded by (seed, epoch, group)), so a batch of b
-  rows draws about one row per slice while K >= b; the default slice_rows (buffer_rows /
-  (4 * batch_size)) makes K = 4 b.
+consecutive rows (default 1: single rows), and each epoch deals all slices to groups by a seeded
+permutation (store/permutation.py, O(K) work and memory per group): group g takes the slices at
+positions [g K, (g + 1) K) of it, K = buffer_rows / slice_rows, so every row is read exactly
+once per epoch and each group is a random sample of the whole training split. A group's rows
+are then permuted together (seeded by (seed, epoch, group)). With slice_rows = 1 the stream is
+a uniformly random permutation of the epoch's rows, a global shuffle. Larger slices mean fewer,
+longer reads but batches of fewer documents (docs/training.md has the measured trade-off);
+slice_rows = chunk_rows reads whole chunks.
 - Ranks: every rank computes the same groups and takes every world_size-th one starting at its
   rank, so ranks are disjoint and together cover the split; when G is not a multiple of
   world_size, the first (G % world_size) ranks hold one group more in that epoch. Batches roll
@@ -37,20 +32,12 @@ from typing import Any
 import numpy as np
 
 from store.format import StoreError
+from store.permutation import Permutation
 
 # Distinct first words keep the random streams independent.
-_GROUP_ORDER_STREAM = 0
+_SLICE_ORDER_STREAM = 0
 _ROW_ORDER_STREAM = 1
-_STRATUM_OFFSET_STREAM = 2
 PLAN_VERSION = 2  # 1: groups of whole chunks (saeflow before the sliced plan); cursors name theirs
-SLICES_PER_BATCH_ROW = 4  # the default slice_rows gives K = 4 * batch_size slices per group
-
-
-def default_slice_rows(buffer_rows: int, batch_size: int, chunk_rows: int) -> int:
-    """Rows per slice such that a group holds SLICES_PER_BATCH_ROW slices per batch row."""
-    return max(1, min(chunk_rows, buffer_rows // (SLICES_PER_BATCH_ROW * batch_size)))
-
-
 @dataclass(frozen=True)
 class Pieces:
     """Row ranges [start, stop) inside chunks (rows counted from the chunk's first row), in the
@@ -150,13 +137,11 @@ class ShufflePlan:
         return self.rank + group * self.world_size
 
     def group_slices(self, epoch: int, group: int) -> np.ndarray:
-        """Indices (store order) of the slices of this rank's group `group` of `epoch`."""
-        n_groups, k = self.groups, self.slices_per_group
-        sigma = np.random.default_rng([self.seed, _GROUP_ORDER_STREAM, epoch]).permutation(n_groups)
-        offsets = np.random.default_rng([self.seed, _STRATUM_OFFSET_STREAM, epoch]).integers(0, n_groups, size=k)
-        slots = (sigma[self._global_group(group)] + offsets) % n_groups
-        picked = np.arange(k, dtype=np.int64) * n_groups + slots
-        return picked[picked < self.n_slices]
+        """Indices (store order) of the slices of this rank's group `group` of `epoch`: the
+        positions [g K, (g + 1) K) of the epoch's permutation of all slices."""
+        k, g = self.slices_per_group, self._global_group(group)
+        positions = np.arange(g * k, min((g + 1) * k, self.n_slices), dtype=np.int64)
+        return np.sort(Permutation(self.n_slices, [self.seed, _SLICE_ORDER_STREAM, epoch])(positions))
 
     def group_pieces(self, epoch: int, group: int) -> Pieces:
         """The group's slices as row ranges inside chunks, store order, adjacent slices merged
