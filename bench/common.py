@@ -190,8 +190,9 @@ def training_loader(cfg: ExperimentConfig, reader: StoreReader, dtype: torch.dty
     total_steps = max(cfg.train.total_tokens // batch_size, 1)
     return ActivationLoader(
         reader, [cfg.sae.hook_point_in], batch_size=batch_size, split="train", seed=cfg.loader.seed,
-        shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, prefetch_batches=cfg.loader.prefetch_batches,
-        num_workers=cfg.loader.num_workers, heldout_chunks=cfg.loader.heldout_chunks, dtype=dtype,
+        shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, slice_rows=cfg.loader.slice_rows,
+        prefetch_batches=cfg.loader.prefetch_batches, num_workers=cfg.loader.num_workers,
+        heldout_chunks=cfg.loader.heldout_chunks, dtype=dtype,
         max_rows=total_steps * batch_size,
     )
 

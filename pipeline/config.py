@@ -127,13 +127,15 @@ class LoaderConfig(StrictModel):
     batch_size: int = Field(4096, ge=1)
     """activation rows per training batch (shared by every SAE of a sweep)"""
     shuffle_buffer_chunks: int = Field(8, ge=1)
-    """chunks whose rows are shuffled together"""
+    """size of a shuffle group, in chunks' worth of rows (host memory: two groups)"""
+    slice_rows: int = Field(1, ge=1)
+    """rows read together from a chunk: each shuffle group gathers random slices of this many rows from across the training split; 1 = a global shuffle of every epoch; larger = fewer, longer reads (for stores larger than RAM) but batches of fewer documents; chunk_rows reads whole chunks"""
     prefetch_batches: int = Field(4, ge=1)
     """finished batches waiting ahead of the trainer"""
     num_workers: int = Field(1, ge=1)
     """reader threads loading chunks"""
     heldout_chunks: int = Field(1, ge=0)
-    """the last chunks of the store, never read by training (evaluation data)"""
+    """chunks held out for evaluation, spread over the store (one per equal stratum, a fixed seeded choice); training never reads them, and documents with rows in training chunks are left out of them"""
     seed: int = Field(0, ge=0)
     """seed of the shuffle order"""
     pin_memory: bool = True

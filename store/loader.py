@@ -1,22 +1,28 @@
 """Shuffled, prefetching, resumable batches of activation rows from a store.
 
-Reading plan (store/shuffle.py): a seeded permutation of the training chunks per epoch, cut into
-groups of `shuffle_buffer_chunks` chunks whose rows are shuffled together. Batch b is a pure
-function of (seed, epoch, rank, group), so a saved cursor restores the exact remaining stream.
+Reading plan (store/shuffle.py): each group (one buffer-load of `shuffle_buffer_chunks` chunks'
+worth of rows) is a random sample of `slice_rows`-row slices (default: single rows) from across
+the whole training split, its rows shuffled together; each epoch deals every slice to exactly
+one group, so with single rows an epoch is a global shuffle. Batch b is
+a pure function of (seed, epoch, rank, group), so a saved cursor restores the exact remaining
+stream. The split itself (which chunks are held out) is store/split.py's.
 
-Threads (store/producer.py): `num_workers` reader threads copy a group's chunks (one pread per
-raw chunk file, zarr decoding otherwise) into one of two preallocated group buffers while
+Threads (store/producer.py): `num_workers` reader threads copy a group's slices (one np.take per
+chunk out of its memmap, or out of the decoded chunk) into one of two preallocated group buffers while
 `num_workers` builder threads gather batches out of the other (np.take) and finish them
 (store/staging.py): on the CPU converted once to the training dtype; for CUDA kept in the stored
 dtype in pooled pinned buffers, copied non_blocking and converted on the device by the consumer.
 At most `prefetch_batches` finished batches wait ahead of the consumer. Host memory is bounded by
-2 group buffers + about prefetch_batches + 2 * num_workers batches, whatever the store's size.
+2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) + about prefetch_batches +
+2 * num_workers batches + a chunk being decoded per reader thread (compressed or remote stores
+only), whatever the store's size.
 
 Training batches roll over epoch boundaries (the tail of epoch e and the head of e+1 share a
 batch), so every batch is full and every rank yields the same number of batches; only the final
 batch when `max_rows` is not a multiple of batch_size is short. The held-out split is read once,
 in store order, unshuffled, with a short last batch; so is the training split with shuffle=False
-(analysis passes that need each row's index: row i of the pass is row split_start + i).
+(analysis passes that need each row's index: store.split.RowMap(loader.ranges) maps row i of
+the pass to its store row).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from store.dtypes import TORCH_DTYPES, numpy_dtype
 from store.format import StoreError
 from store.producer import END, Group, Producer
 from store.reader import StoreReader
-from store.shuffle import Cursor, ShufflePlan
+from store.shuffle import Cursor, Pieces, ShufflePlan
 from store.staging import DeviceBatches, HostBatches
 
 Batch = dict[str, torch.Tensor]  # {hook: (rows, d) tensor}; row i of every hook is the same token
@@ -44,14 +50,16 @@ class ActivationLoader:
 
     hooks: a hook name, or a sequence such as (hook_in, hook_out) for a transcoder: row i of every
         tensor in a batch comes from the same token.
-    split: "train" (shuffled, endless unless max_rows, resumable) or "heldout" (the last
-        `heldout_chunks` chunks, store order, one pass).
+    split: "train" (shuffled, endless unless max_rows, resumable) or "heldout" (the rows of
+        `heldout_chunks` chunks spread over the store, store order, one pass; store/split.py).
     shuffle: False reads the training split like the held-out one: once, in store order.
     dtype: dtype of yielded tensors; None keeps the stored dtype.
     pin_memory: page-locked batches and non_blocking copies when device is CUDA; ignored otherwise.
     max_rows: stop after this many rows in total (counted from the start of the run, including
         rows yielded before a restored cursor; per rank). None: training never ends.
-    rank/world_size: data-parallel sharding by chunk (see store/shuffle.py).
+    slice_rows: rows read together from a chunk (store/shuffle.py): 1 (the default) gives a
+        global shuffle of every epoch; chunk_rows reads whole chunks (fewest reads, least mixing).
+    rank/world_size: data-parallel sharding by group (see store/shuffle.py).
     num_workers: reader threads; prefetch_batches: finished batches queued ahead of the consumer.
     verify: check each chunk against its recorded checksum the first time it is read (when
         `store` is a path; a StoreReader brings its own setting). A damaged chunk stops the
@@ -71,6 +79,7 @@ class ActivationLoader:
         shuffle: bool = True,
         seed: int = 0,
         shuffle_buffer_chunks: int = 8,
+        slice_rows: int = 1,
         prefetch_batches: int = 4,
         num_workers: int = 1,
         heldout_chunks: int = 1,
@@ -91,22 +100,30 @@ class ActivationLoader:
             self.reader.d(hook)  # raises a StoreError naming the store's hooks
         if batch_size < 1 or prefetch_batches < 1 or num_workers < 1:
             raise StoreError("batch_size, prefetch_batches and num_workers must all be >= 1")
-        chunks = self.reader.split_chunks(split, heldout_chunks)
+        self.ranges = self.reader.split_ranges(split, heldout_chunks)
         self.batch_size = batch_size
         self.split = split
         self.prefetch_batches = prefetch_batches
         self.num_workers = num_workers
         self.max_rows = max_rows
-        self.n_train_chunks = len(self.reader.split_chunks("train", heldout_chunks))
+        train = self.ranges if split == "train" else self.reader.split_ranges("train", heldout_chunks)
+        self.n_train_chunks = len(train)
         self.buffer_chunks = shuffle_buffer_chunks
+        if shuffle_buffer_chunks < 1:
+            raise StoreError(f"shuffle_buffer_chunks must be >= 1, got {shuffle_buffer_chunks}")
+        buffer_rows = shuffle_buffer_chunks * self.reader.chunk_rows
+        self.slice_rows = min(slice_rows, self.reader.chunk_rows)
         self.rank, self.world_size = rank, world_size
         if split == "train" and shuffle:
-            self.plan = ShufflePlan(self.n_train_chunks, shuffle_buffer_chunks, seed, rank, world_size)
+            sizes = tuple((r.chunk, r.rows) for r in train)
+            self.plan = ShufflePlan(sizes, buffer_rows, self.slice_rows, seed, rank, world_size)
+            self.buffer_rows = self.plan.group_capacity
         else:
             self.plan = None
-            if len(chunks) < world_size:
-                raise StoreError(f"{len(chunks)} {split} chunks cannot be split over {world_size} ranks")
-            self.heldout_order = list(chunks)[rank::world_size]
+            if len(self.ranges) < world_size:
+                raise StoreError(f"{len(self.ranges)} {split} chunks cannot be split over {world_size} ranks")
+            self.pass_ranges = self.ranges[rank::world_size]
+            self.buffer_rows = buffer_rows
         self.device = torch.device(device)
         # Pinning only helps copies to a CUDA device; elsewhere the request is dropped and rows are
         # gathered by the same code into pageable memory.
@@ -126,6 +143,7 @@ class ActivationLoader:
             rank=self.rank,
             world_size=self.world_size,
             n_train_chunks=self.n_train_chunks,
+            slice_rows=self.slice_rows,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,7 +168,7 @@ class ActivationLoader:
         sink = self._new_sink()
         producer = Producer(
             self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
-            start=start, num_workers=self.num_workers, buffer_rows=self.buffer_chunks * self.reader.chunk_rows,
+            start=start, num_workers=self.num_workers, buffer_rows=self.buffer_rows,
             buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks],
         )
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
@@ -185,20 +203,22 @@ class ActivationLoader:
     def _groups(self, start: Cursor) -> Iterator[Group]:
         """The stream of groups from `start` on; endless for training."""
         if self.plan is None:
-            for index in range(0, len(self.heldout_order), self.buffer_chunks):
-                chunks = self.heldout_order[index : index + self.buffer_chunks]
-                yield Group(0, index, chunks, self._rows_in(chunks), None, 0)
+            for index in range(0, len(self.pass_ranges), self.buffer_chunks):
+                ranges = self.pass_ranges[index : index + self.buffer_chunks]
+                pieces = Pieces.of([(r.chunk, *self._in_chunk(r.chunk, r.start, r.stop)) for r in ranges])
+                yield Group(0, index, pieces, pieces.rows, None, 0)
             return
         epoch, group, offset = start.epoch, start.group, start.offset
         while True:
             if group >= self.plan.groups_per_epoch:
                 epoch, group, offset = epoch + 1, 0, 0
                 continue
-            chunks = self.plan.group_chunks(epoch, group)
-            n_rows = self._rows_in(chunks)
+            pieces = self.plan.group_pieces(epoch, group)
+            n_rows = pieces.rows
             if offset < n_rows:  # a cursor saved at a group's very end resumes at the next one
-                yield Group(epoch, group, chunks, n_rows, self.plan.row_order(epoch, group, n_rows), offset)
+                yield Group(epoch, group, pieces, n_rows, self.plan.row_order(epoch, group, n_rows), offset)
             group, offset = group + 1, 0
 
-    def _rows_in(self, chunks: list[int]) -> int:
-        return sum(stop - start for start, stop in map(self.reader.chunk_bounds, chunks))
+    def _in_chunk(self, chunk: int, start: int, stop: int) -> tuple[int, int]:
+        first, _ = self.reader.chunk_bounds(chunk)
+        return start - first, stop - first

@@ -1,7 +1,9 @@
-"""The loader's background work: load groups of chunks, gather their rows into batches.
+"""The loader's background work: load groups of chunk slices, gather their rows into batches.
 
-A planner thread walks the stream of groups. Reader threads copy a group's chunks into one of two
-group buffers while the other is gathered from. Each batch's rows are gathered (np.take: one
+A planner thread walks the stream of groups. Reader threads copy a group's pieces (row ranges of
+chunks, store/shuffle.py) into one of two group buffers while the other is gathered from: one
+task per chunk, a single pread for a piece that is one range of a raw chunk file, one np.take
+out of the mapped (or decoded) chunk for several. Each batch's rows are gathered (np.take: one
 thread per call, GIL released) by builder threads as soon as they are planned, then finished
 (converted) by a builder; the planner queues each batch's future in order, so batches arrive in
 plan order however many builders run. A buffer is reloaded only after every gather reading it
@@ -21,7 +23,7 @@ import numpy as np
 
 from store.rawread import read_mapped_into
 from store.reader import StoreReader
-from store.shuffle import Cursor
+from store.shuffle import Cursor, Pieces
 
 END = object()
 _POLL_S = 0.1  # how often a blocked planner checks whether the consumer went away
@@ -29,11 +31,11 @@ _POLL_S = 0.1  # how often a blocked planner checks whether the consumer went aw
 
 @dataclass(frozen=True)
 class Group:
-    """One buffer-load of rows: which chunks, the order their rows are yielded, from where."""
+    """One buffer-load of rows: which pieces, the order their rows are yielded, from where."""
 
     epoch: int
     index: int
-    chunks: list[int]
+    pieces: Pieces  # row ranges inside chunks; the buffer holds them in this order
     n_rows: int
     order: np.ndarray | None  # None = store order (held-out split)
     start: int  # rows of `order` already consumed before this stream began
@@ -180,17 +182,27 @@ class Producer:
     # --- loading ------------------------------------------------------------------------
     def _load(self, group: Group, slot: _Slot, loaders: ThreadPoolExecutor) -> list[Future]:
         futures, row = [], 0
-        for chunk in group.chunks:
-            start, stop = self.reader.chunk_bounds(chunk)
+        for chunk, rows in group.pieces.by_chunk():
             for hook, buffer in zip(self.hooks, slot.arrays):
-                futures.append(loaders.submit(self._copy_chunk, hook, chunk, buffer[row : row + stop - start]))
-            row += stop - start
+                futures.append(loaders.submit(self._copy_rows, hook, chunk, rows, buffer[row : row + len(rows)]))
+            row += len(rows)
         return futures
 
-    def _copy_chunk(self, hook: str, chunk: int, target: np.ndarray) -> None:
-        """Load a chunk into the group buffer and verify the copy batches are gathered from."""
-        rows = self.reader.read_chunk(hook, chunk, verify=False)  # a memmap of a raw chunk, or decoded by zarr
-        if not read_mapped_into(rows, target):
-            np.copyto(target, rows, casting="no")
-        if self.reader.verify:
+    def _copy_rows(self, hook: str, chunk: int, rows: np.ndarray, target: np.ndarray) -> None:
+        """Copy rows of a chunk (indices inside it) into the group buffer, verified before any batch
+        uses them: a whole chunk is checked as copied; a part of one, by checking the whole chunk
+        as read (once per reader: the first read of each chunk reads all of it)."""
+        stored = self.reader.read_chunk(hook, chunk, verify=False)  # a memmap of a raw chunk, or decoded by zarr
+        first, last = int(rows[0]), int(rows[-1])
+        contiguous = last - first + 1 == len(rows)
+        whole = contiguous and first == 0 and len(rows) == len(stored)
+        if self.reader.verify and not whole:
+            self.reader.verify_chunk(hook, chunk, stored)
+        if contiguous:  # one range: one pread of a raw chunk file
+            source = stored[first : last + 1]
+            if not read_mapped_into(source, target):
+                np.copyto(target, source, casting="no")
+        else:  # mode="clip" skips numpy's buffered bounds check (indices are in range)
+            np.take(stored, rows, axis=0, out=target, mode="clip")
+        if self.reader.verify and whole:
             self.reader.verify_chunk(hook, chunk, target)

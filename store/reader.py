@@ -27,6 +27,7 @@ from store.dtypes import from_stored_numpy, numpy_dtype
 from store.format import TOKEN_ARRAYS, ChunkError, StoreError, acts_path, checksum_path, chunk_checksum, open_store_group, read_manifest
 from store.location import StoreLocation, locate
 from store.integrity import layout_problems, manifest_problems
+from store.split import RowRange, check_heldout_chunks, heldout_chunk_indices, heldout_ranges, training_chunks
 
 # An uncompressed shard ends with an index of (offset, nbytes) uint64 pairs per inner chunk,
 # followed by a crc32c checksum of the index (zarr's default index codecs).
@@ -118,21 +119,33 @@ class StoreReader:
         except StoreError:
             raise StoreError(f"chunk {index} is not committed in {self.path} ({self.n_chunks} chunks)") from None
 
-    def split_chunks(self, split: Split, heldout_chunks: int) -> range:
-        """The chunks of a split: the held-out split is the store's last `heldout_chunks` chunks,
-        the training split every chunk before them. Training never reads a held-out chunk, and
-        statistics used for initialization or normalization come from the training split only."""
+    def split_chunks(self, split: Split, heldout_chunks: int) -> list[int]:
+        """The chunks of a split, in store order (store/split.py: held-out chunks are spread over
+        the store). Training never reads a held-out chunk, and statistics used for initialization
+        or normalization come from the training split only."""
         if split not in ("train", "heldout"):
             raise StoreError(f"split must be 'train' or 'heldout', got {split!r}")
-        if not 0 <= heldout_chunks < self.n_chunks:
-            raise StoreError(
-                f"loader.heldout_chunks={heldout_chunks} must leave training chunks in store {self.path} of "
-                f"{self.n_chunks} chunks; lower loader.heldout_chunks or generate more rows"
-            )
+        check_heldout_chunks(self.n_chunks, heldout_chunks, str(self.path))
         if split == "heldout" and heldout_chunks == 0:
             raise StoreError("the held-out split is empty (heldout_chunks=0); set loader.heldout_chunks >= 1")
-        n_train = self.n_chunks - heldout_chunks
-        return range(0, n_train) if split == "train" else range(n_train, self.n_chunks)
+        if split == "train":
+            return training_chunks(self.n_chunks, heldout_chunks)
+        return heldout_chunk_indices(self.n_chunks, heldout_chunks)
+
+    def split_ranges(self, split: Split, heldout_chunks: int) -> list[RowRange]:
+        """The rows of a split, per chunk in store order: whole training chunks; held-out chunks
+        without the rows of documents that training rows also hold (store/split.py)."""
+        chunks = self.split_chunks(split, heldout_chunks)
+        if split == "train":
+            return [RowRange(c, *self.chunk_bounds(c)) for c in chunks]
+        ranges = heldout_ranges(self.n_chunks, heldout_chunks, self.chunk_bounds,
+                                lambda start, stop: np.asarray(self.read_rows("doc", start, stop)))
+        if not ranges:
+            raise StoreError(
+                f"the held-out chunks of store {self.path} hold no document of their own (every held-out row "
+                "belongs to a document training rows also hold); raise loader.heldout_chunks"
+            )
+        return ranges
 
     def read_tensor(self, hook: str, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """Rows of `hook` as read (read_chunk, read_rows) -> a CPU tensor of `dtype`."""

@@ -28,26 +28,31 @@ def sample_rows(
     are consecutive tokens, hence correlated) while reading whole chunks sequentially. A split no
     larger than n is returned whole, in store order.
     """
-    chunks = list(reader.split_chunks(split, heldout_chunks))
-    bounds = [reader.chunk_bounds(c) for c in chunks]
+    ranges = reader.split_ranges(split, heldout_chunks)
+    bounds = [(r.start, r.stop) for r in ranges]
     total = sum(stop - start for start, stop in bounds)
+
+    def rows_of(index: int) -> np.ndarray:  # the split's rows of its index-th chunk
+        r = ranges[index]
+        first, _ = reader.chunk_bounds(r.chunk)
+        return np.asarray(reader.read_chunk(hook, r.chunk)[r.start - first : r.stop - first])
+
     if n >= total:
-        return torch.cat([reader.read_tensor(hook, reader.read_chunk(hook, c), dtype) for c in chunks])
+        return torch.cat([reader.read_tensor(hook, rows_of(i), dtype) for i in range(len(ranges))])
     rng = np.random.default_rng([seed, 2])
-    wanted_chunks = min(len(chunks), -(-n // reader.chunk_rows) * chunk_oversample)
-    chosen = sorted(rng.choice(len(chunks), size=wanted_chunks, replace=False).tolist())
+    wanted_chunks = min(len(ranges), -(-n // reader.chunk_rows) * chunk_oversample)
+    chosen = sorted(rng.choice(len(ranges), size=wanted_chunks, replace=False).tolist())
     sizes = np.array([bounds[i][1] - bounds[i][0] for i in chosen])
     if sizes.sum() < n:  # short chunks: top up with further random chunks
-        rest = [i for i in rng.permutation(len(chunks)).tolist() if i not in set(chosen)]
+        rest = [i for i in rng.permutation(len(ranges)).tolist() if i not in set(chosen)]
         while sizes.sum() < n:
             chosen.append(rest.pop())
             sizes = np.append(sizes, bounds[chosen[-1]][1] - bounds[chosen[-1]][0])
     take = _shares(n, sizes)
     parts = []
     for index, size, count in zip(chosen, sizes, take):
-        rows = reader.read_chunk(hook, chunks[index])
         pick = np.sort(rng.choice(int(size), size=int(count), replace=False))
-        parts.append(reader.read_tensor(hook, np.asarray(rows[pick]), dtype))
+        parts.append(reader.read_tensor(hook, rows_of(index)[pick], dtype))
     return torch.cat(parts)
 
 

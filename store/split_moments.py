@@ -2,8 +2,8 @@
 
 Generation records float64 moments of the stored rows under stats/<hook> (store/recorded_stats.py),
 covering the first stats["chunks"] chunks in store order. `store_moments` turns that snapshot
-into the training split's moments by removing (or adding) only the chunks where the two differ,
-typically the one held-out chunk, instead of a pass over the whole store.
+into the training split's moments by removing the held-out chunks it covers and adding the
+training chunks it does not cover yet, instead of a pass over the whole store.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def store_moments(
     moments, covered = recorded
     if not track_covariance:
         moments.track_covariance, moments.M2 = False, None
-    n_train = len(train)
-    if covered > n_train:
-        extra = compute_moments(reader, hook, range(n_train, covered), track_covariance=track_covariance)
-        return moments.subtract(extra)
-    missing = compute_moments(reader, hook, range(covered, n_train), track_covariance=track_covariance)
-    return moments.merge(missing)
+    held = set(range(reader.n_chunks)) - set(train)
+    extra = [c for c in sorted(held) if c < covered]
+    if extra:
+        moments = moments.subtract(compute_moments(reader, hook, extra, track_covariance=track_covariance))
+    missing = [c for c in train if c >= covered]
+    return moments.merge(compute_moments(reader, hook, missing, track_covariance=track_covariance))
 
 
 def _recorded_moments(reader: StoreReader, hook: str) -> tuple[RunningMoments, int] | None:

@@ -32,11 +32,14 @@ def make_store(
     shard_chunks: int | None = None,
     compressor: str | None = None,
     recorded_stats_chunks: int | None = None,
+    docs: np.ndarray | None = None,
 ) -> Path:
     """A committed store holding `rows_by_hook` (each (n, d); all hooks the same n).
 
     Values are written as given (cast to the stored dtype; for bfloat16 pass uint16 bit patterns).
     `tokens` holds the row index, so a test can trace every loaded row back to its position.
+    `doc` holds `docs` (the document of each row; documents are consecutive rows), by default
+    each row its own document.
     `recorded_stats_chunks` records generation statistics (stats/<hook>, as store/recorded_stats.py
     lays them out) over that many leading chunks, accumulated chunk by chunk from the stored values.
     """
@@ -59,6 +62,7 @@ def make_store(
         array = group[acts_path(hook)]
         array[:n] = rows.astype(array.dtype)
     group["tokens"][:n] = np.arange(n, dtype=TOKEN_ARRAYS["tokens"])
+    group["doc"][:n] = np.arange(n) if docs is None else np.asarray(docs)
     manifest = read_manifest(path)
     if recorded_stats_chunks is not None:
         manifest["stats"] = _record_stats(group, rows_by_hook, chunk_rows, recorded_stats_chunks, store_dtype, manifest)

@@ -5,9 +5,9 @@ Source, in order of preference:
    row came from, and after the manifest's resume cursor), tokenized and cut into windows exactly
    as generate does (context_size, prepend_bos, pack; pipeline/generate/windows.py).
 2. "heldout_store_rows": when the dataset has no documents left (generate exhausted it), the
-   token rows of the store's held-out chunks, regrouped into their documents and windowed the
-   same way. Rows of the document that straddles the train/held-out boundary are dropped, so no
-   sequence holds text that training rows came from. BOS/pad rows (if the store kept them) are
+   token rows of the store's held-out split, regrouped into their documents and windowed the
+   same way. The split already leaves out documents that training rows also hold
+   (store/split.py), so no sequence holds text that training rows came from. BOS/pad rows (if the store kept them) are
    dropped and re-added by the windowing.
 
 Each sequence carries a loss mask over its next-token predictions: the prediction made at
@@ -77,12 +77,10 @@ def heldout_sequences(cfg: ExperimentConfig, lm: LanguageModel, reader: StoreRea
 
 def _heldout_row_documents(reader: StoreReader, heldout_chunks: int, eos_id: int | None) -> list[tuple[int, list[int]]]:
     """(doc, ids) per document of the held-out chunks' rows, without BOS/pad/trailing EOS rows."""
-    chunks = reader.split_chunks("heldout", heldout_chunks)
-    columns = {name: np.concatenate([np.asarray(reader.read_chunk(name, c)) for c in chunks]) for name in ("tokens", "doc", "pos")}
+    ranges = reader.split_ranges("heldout", heldout_chunks)
+    columns = {name: np.concatenate([np.asarray(reader.read_rows(name, r.start, r.stop)) for r in ranges])
+               for name in ("tokens", "doc", "pos")}
     keep = columns["pos"] >= 0  # POS_BOS = -1, POS_PAD = -2
-    train_end = chunks.start * reader.chunk_rows
-    if train_end > 0:  # the document the training split ends in is not held-out text
-        keep &= columns["doc"] != int(reader.read_rows("doc", train_end - 1, train_end)[0])
     tokens, docs = columns["tokens"][keep], columns["doc"][keep]
     documents = []
     for doc in _ordered_unique(docs):

@@ -1,10 +1,10 @@
 """Evaluate every trained SAE of a config on data its training never saw.
 
 For each variant (pipeline/sweeps.py sweep_variants) in <train.out_dir>/<name>/:
-- activation metrics on the store's held-out split (the last loader.heldout_chunks chunks, up
-  to evaluate.n_tokens rows): FVU (against the target hook's dataset mean from the store's
-  statistics), explained variance, MSE (summed over dimensions, mean per row), L0 mean and
-  histogram, dead latents (no firing on those rows) and dense ones (firing on > 10% of them);
+- activation metrics on the store's held-out split (loader.heldout_chunks chunks spread over
+  the store, minus documents training rows hold: store/split.py; up to evaluate.n_tokens rows):
+  FVU (against the target hook's dataset mean from the store's statistics), explained
+  variance, MSE (summed over dimensions, mean per row), L0 mean and histogram, dead latents (no firing on those rows) and dense ones (firing on > 10% of them);
 - for causal LMs with a head, the spliced-model metrics of splice.py on held-out text
   (sequences.py). Encoders without an LM head (MiniLM) get
   "lm_metrics_skipped": <why> instead.
@@ -48,7 +48,7 @@ def evaluate(cfg: ExperimentConfig, *, lm: LanguageModel | None = None, allow_in
     if note:
         _say(note)
     reader.check_chunk_files()  # a deleted or cut chunk anywhere: the store needs repair first
-    reader.split_chunks("heldout", cfg.loader.heldout_chunks)  # a StoreError naming the fix if there is none
+    reader.split_ranges("heldout", cfg.loader.heldout_chunks)  # a StoreError naming the fix if there is none
     root = Path(cfg.train.out_dir)
     variants = sweep_variants(cfg)
     saes = {name: _load_trained(root / name, variant) for name, variant in variants}
@@ -81,7 +81,7 @@ def activation_metrics(
         heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32, device=sae.W_dec.device,
         max_rows=cfg.evaluate.n_tokens,
     )
-    rows = sum(stop - start for start, stop in map(reader.chunk_bounds, reader.split_chunks("heldout", cfg.loader.heldout_chunks)))
+    rows = sum(r.rows for r in loader.ranges)
     batches = tqdm(loader, total=-(-min(rows, cfg.evaluate.n_tokens) // cfg.evaluate.batch_size), unit="batch",
                    desc="evaluate", dynamic_ncols=True)
     accumulated = heldout_metrics(sae, batches, dataset_mean_out, l0_histogram=True)

@@ -101,8 +101,9 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
     local_batch = batch_size // ranks.world
     loader = ActivationLoader(
         reader, hooks, batch_size=local_batch, split="train", seed=cfg.loader.seed,
-        shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, prefetch_batches=cfg.loader.prefetch_batches,
-        num_workers=cfg.loader.num_workers, heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32,
+        shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, slice_rows=cfg.loader.slice_rows,
+        prefetch_batches=cfg.loader.prefetch_batches, num_workers=cfg.loader.num_workers,
+        heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32,
         device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * local_batch, cursor=cursor,
         rank=ranks.rank, world_size=ranks.world,
     )

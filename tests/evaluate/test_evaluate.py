@@ -162,12 +162,15 @@ def test_transcoder_is_spliced_at_its_output_hook(spliced_run, tiny_store, lm):
     assert transcoder["ce_loss_clean"] == results["identity"]["ce_loss_clean"]
 
 
-def test_metrics_files_are_written(spliced_run):
+def test_metrics_files_are_written(tiny_store, spliced_run):
     results, root = spliced_run
     assert json.loads((root / METRICS_FILE).read_text()) == results
+    cfg = tiny_config(tiny_store)
+    heldout_rows = sum(r.rows for r in StoreReader(cfg.generate.store).split_ranges("heldout", cfg.loader.heldout_chunks))
     for name, metrics in results.items():
         histogram = json.loads((root / name / HISTOGRAM_FILE).read_text())
-        assert sum(histogram["l0_histogram"].values()) == metrics["rows"] == 1024  # evaluate.n_tokens
+        # evaluate.n_tokens, or the whole held-out split (its chunks minus documents training rows hold)
+        assert sum(histogram["l0_histogram"].values()) == metrics["rows"] == min(1024, heldout_rows)
 
 
 def test_clean_ce_matches_transformer_lens_per_token_loss(tiny_store, lm, spliced_run):
@@ -223,11 +226,11 @@ def test_exhausted_dataset_falls_back_to_heldout_token_rows(tmp_path, lm):
     assert reader.n_rows < cfg.generate.target_tokens  # the data ran out
     sequences = heldout_sequences(cfg, lm, reader, 1000)
     assert sequences.source == HELDOUT_STORE_ROWS and sequences.first_doc is None
-    # The windows hold exactly the held-out rows' tokens, minus the document training rows touch.
-    start = (reader.n_chunks - 2) * reader.chunk_rows
-    tokens, docs = (np.asarray(reader.read_rows(name, start, reader.n_rows)) for name in ("tokens", "doc"))
-    shared_doc = int(reader.read_rows("doc", start - 1, start)[0])
-    expected = tokens[docs != shared_doc].tolist()
+    # The windows hold exactly the held-out chunks' tokens, minus the documents training rows touch.
+    tokens, docs = (np.asarray(reader.read_rows(name, 0, reader.n_rows)) for name in ("tokens", "doc"))
+    chunk_of_row = np.arange(reader.n_rows) // reader.chunk_rows
+    held = np.isin(chunk_of_row, reader.split_chunks("heldout", 2))
+    expected = tokens[held & ~np.isin(docs, docs[~held])].tolist()
     kept = (sequences.role != BOS) & (sequences.role != PAD)
     assert sequences.tokens[kept].tolist() == expected
 
@@ -254,8 +257,9 @@ def test_activation_metrics_match_numpy_and_encoders_skip_lm_metrics(tmp_path):
     metrics = evaluate(cfg)["sae"]
 
     x_all = rows.astype(np.float64)
-    mean = x_all[: -heldout_chunks * chunk_rows].mean(0)  # the training split's mean
-    x = x_all[-heldout_chunks * chunk_rows :][:n_tokens]
+    held = np.isin(np.arange(len(rows)) // chunk_rows, StoreReader(store).split_chunks("heldout", heldout_chunks))
+    mean = x_all[~held].mean(0)  # the training split's mean
+    x = x_all[held][:n_tokens]
     w_enc, b_enc, w_dec, b_dec = (t.detach().double().numpy() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
     z = np.maximum(x @ w_enc + b_enc, 0)
     x_hat = z @ w_dec + b_dec

@@ -27,45 +27,49 @@ from tests.test_cli import run_saeflow
 
 
 def brute_force(run, split: str, batch_size: int) -> tuple[int, np.ndarray]:
-    """(first row, (rows, d_sae) latents of every row of the split), batch by batch as the pass runs."""
+    """(store row of each row of the split, (rows, d_sae) latents of every row of the split), batch
+    by batch as the pass runs. The split's rows are its ranges (held-out chunks are spread)."""
     cfg = run.cfg
     sae = load_sae(f"{cfg.train.out_dir}/sae")
     reader = StoreReader(cfg.generate.store)
     first, n = split_rows(reader, split, cfg.loader.heldout_chunks)
     hook = sae.cfg.hook_point_in
-    x = reader.read_tensor(hook, np.asarray(reader.read_rows(hook, first, first + n)), torch.float32)
+    ranges = reader.split_ranges(split, cfg.loader.heldout_chunks)
+    x = reader.read_tensor(hook, np.concatenate([np.asarray(reader.read_rows(hook, r.start, r.stop)) for r in ranges]), torch.float32)
     with torch.no_grad():
         acts = [sae(sae.normalize_input(x[i : i + batch_size]))[1].dense_feature_acts() for i in range(0, n, batch_size)]
         public = sae.encode(x)  # the public API on raw activations: the same latents
     acts = torch.cat(acts)
     torch.testing.assert_close(public, acts, rtol=1e-5, atol=1e-5)
-    return first, acts.numpy()
+    rows = np.concatenate([np.arange(r.start, r.stop) for r in ranges])
+    assert rows[0] == first and len(rows) == n
+    return rows, acts.numpy()
 
 
 @pytest.fixture(scope="module")
 def reports(features_run):
-    """(report, first row, brute-force latents) per split."""
+    """(report, store rows, brute-force latents) per split."""
     return {"heldout": (features_run.heldout, *brute_force(features_run, "heldout", 4096)),
             "train": (features_run.train, *brute_force(features_run, "train", 1024))}
 
 
 @pytest.mark.parametrize("split", ["heldout", "train"])
 def test_top_rows_equal_a_brute_force_ranking(reports, split):
-    report, first, acts = reports[split]
+    report, rows, acts = reports[split]
     n = report["settings"]["top_examples"]
     frequent = np.argsort(-(acts > 0).sum(0), kind="stable")
     for latent in [*frequent[:3].tolist(), 0, 101, 255]:
         ranked = np.argsort(-acts[:, latent], kind="stable")[:n]  # ties: the earlier row, as the pass keeps them
         ranked = ranked[acts[ranked, latent] > 0]
         top = report["latents"][latent]["top"]
-        assert [e["row"] for e in top] == (ranked + first).tolist(), latent
+        assert [e["row"] for e in top] == rows[ranked].tolist(), latent
         assert [e["activation"] for e in top] == acts[ranked, latent].tolist()
     assert report["rows"] == acts.shape[0]
 
 
 @pytest.mark.parametrize("split", ["heldout", "train"])
 def test_every_latents_counts_histogram_and_interval_examples(reports, split):
-    report, first, acts = reports[split]
+    report, split_rows_, acts = reports[split]
     settings = report["settings"]
     sampled = 0
     for latent, entry in enumerate(report["latents"]):
@@ -86,7 +90,7 @@ def test_every_latents_counts_histogram_and_interval_examples(reports, split):
             assert len(rows) == len(set(rows)) == min(settings["interval_examples"], interval["fires"])
             for example in interval["examples"]:  # a real firing, in its interval
                 assert interval["low"] <= example["activation"] < interval["high"]
-                assert acts[example["row"] - first, latent] == example["activation"]
+                assert acts[np.searchsorted(split_rows_, example["row"]), latent] == example["activation"]
             sampled += interval["fires"] > settings["interval_examples"]
     if split == "train":
         assert sampled > 100  # most intervals hold more firings than they show: a real sample
@@ -111,7 +115,7 @@ def test_frequencies_and_summary_match_evaluate(features_run):
 
 
 def test_contexts_hold_the_store_tokens_and_the_latents_activation_on_each(features_run, reports):
-    report, first, acts = reports["train"]
+    report, split_rows_, acts = reports["train"]
     reader = StoreReader(features_run.cfg.generate.store)
     tokens = np.asarray(reader.read_rows("tokens", 0, reader.n_rows))
     for segment in report["segments"]:
@@ -125,8 +129,8 @@ def test_contexts_hold_the_store_tokens_and_the_latents_activation_on_each(featu
             assert 0 <= own <= width and len(example["acts"]) - own - 1 <= width
             assert example["acts"][own] == pytest.approx(example["activation"], rel=1e-3)
             rows = np.arange(example["first_row"], example["first_row"] + len(example["acts"]))
-            inside = (rows >= first) & (rows < first + acts.shape[0])  # context rows may lie outside the split
-            expected = acts[rows[inside] - first, latent]
+            inside = np.isin(rows, split_rows_)  # context rows may lie outside the split
+            expected = acts[np.searchsorted(split_rows_, rows[inside]), latent]
             np.testing.assert_allclose(np.array(example["acts"])[inside], expected, rtol=1e-3, atol=1e-6)
             checked += int((expected > 0).sum())
     assert checked > 30

@@ -16,11 +16,14 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.generate.stage import generate
 from pipeline.train.stage import train
+from store.split import heldout_chunk_indices
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK = "blocks.0.hook_resid_post"  # the hook the tiny SAE trains on
 CHUNK_BYTES = 512 * 64 * 2  # tiny.yaml: chunks of 512 rows, d 64, float16
-TRAIN_CHUNK, HELDOUT_CHUNK = 3, 15  # of 16; the last two are held out
+HELDOUT_CHUNK = heldout_chunk_indices(16, 2)[-1]  # of 16, two held out, spread over the store
+TRAIN_CHUNK = 3
+assert TRAIN_CHUNK not in heldout_chunk_indices(16, 2)
 
 
 def chunk_file(store: Path, index: int = TRAIN_CHUNK) -> Path:

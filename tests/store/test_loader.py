@@ -48,20 +48,28 @@ def _take(loader: ActivationLoader, n_batches: int) -> list[torch.Tensor]:
     return _rows(itertools.islice(iter(loader), n_batches))
 
 
+def _split_ids(store: Path | StoreReader, split: str, heldout_chunks: int) -> list[int]:
+    """Store rows of a split in store order (on id_store a row's id is its store row)."""
+    reader = store if isinstance(store, StoreReader) else StoreReader(store)
+    return [row for r in reader.split_ranges(split, heldout_chunks) for row in range(r.start, r.stop)]
+
+
 def test_every_training_row_exactly_once_per_epoch(id_store: Path):
     reader = StoreReader(id_store)
     heldout = 2
-    train_rows = (reader.n_chunks - heldout) * CHUNK  # the short chunk is held out
+    train = _split_ids(reader, "train", heldout)
+    train_rows = len(train)
+    assert train_rows == 1266 - heldout * CHUNK  # chunks 1 and 14 are held out; the short last one trains
     loader = ActivationLoader(reader, HOOK, batch_size=100, heldout_chunks=heldout, shuffle_buffer_chunks=3, seed=7, max_rows=3 * train_rows)
     batches = _rows(loader)
     assert all(b.shape == (100, 4) for b in batches[:-1]) and batches[-1].shape[0] == 3 * train_rows % 100
     ids = _ids(batches)
     assert len(ids) == 3 * train_rows
     for epoch in range(3):
-        assert sorted(ids[epoch * train_rows : (epoch + 1) * train_rows]) == list(range(train_rows))
-    # shuffled across chunks, and differently in each epoch
+        assert sorted(ids[epoch * train_rows : (epoch + 1) * train_rows]) == train
+    # shuffled across the whole split (not a few chunks), and differently in each epoch
     assert ids[:train_rows] != sorted(ids[:train_rows])
-    assert len({i // CHUNK for i in ids[:100]}) == 3
+    assert len({i // CHUNK for i in ids[:100]}) >= 15
     assert ids[:train_rows] != ids[train_rows : 2 * train_rows]
     assert loader.rows_yielded == 3 * train_rows
 
@@ -95,7 +103,7 @@ def test_bfloat16_store(tmp_path: Path):
     heldout = ActivationLoader(path, HOOK, batch_size=128, split="heldout", heldout_chunks=4, dtype=None)
     got = torch.cat(_rows(heldout))
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, values[CHUNK:])
+    assert torch.equal(got, values[_split_ids(path, "heldout", 4)])
 
 
 def test_same_seed_same_batches_other_seed_different(id_store: Path):
@@ -135,14 +143,14 @@ def test_cursor_from_other_settings_is_refused(id_store: Path):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_are_disjoint_and_cover_the_training_split(id_store: Path, world_size: int):
-    n_train = 19  # chunks; the short 20th is held out; 19 is uneven for both world sizes
+    train = _split_ids(id_store, "train", 1)  # chunk 11 is held out; 10 groups are uneven for both world sizes
     per_rank = []
     for rank in range(world_size):
         loader = ActivationLoader(id_store, HOOK, batch_size=32, seed=5, rank=rank, world_size=world_size, shuffle_buffer_chunks=2)
-        rows = loader.plan.chunks_per_epoch * CHUNK
+        rows = loader.plan.rows_per_epoch(0)
         per_rank.append(set(_ids(ActivationLoader(id_store, HOOK, batch_size=32, seed=5, rank=rank, world_size=world_size, shuffle_buffer_chunks=2, max_rows=rows))))
-    assert sum(map(len, per_rank)) == n_train * CHUNK
-    assert set.union(*per_rank) == set(range(n_train * CHUNK))
+    assert sum(map(len, per_rank)) == len(train)
+    assert set.union(*per_rank) == set(train)
     with pytest.raises(StoreError, match="rank"):
         ActivationLoader(id_store, HOOK, batch_size=32, rank=3, world_size=3)
 
@@ -150,20 +158,22 @@ def test_ranks_are_disjoint_and_cover_the_training_split(id_store: Path, world_s
 def test_heldout_split_is_store_order_and_never_trained_on(id_store: Path):
     heldout = ActivationLoader(id_store, HOOK, batch_size=60, split="heldout", heldout_chunks=3)
     batches = _rows(heldout)
-    first_heldout = 17 * CHUNK
-    assert _ids(batches) == list(range(first_heldout, 1266))  # store order, each row once
-    assert [b.shape[0] for b in batches] == [60, 60, 58]  # 178 rows: short last batch
+    held = [row for chunk in (4, 10, 15) for row in range(chunk * CHUNK, (chunk + 1) * CHUNK)]  # spread, not the tail
+    assert _ids(batches) == held  # store order, each row once
+    assert [b.shape[0] for b in batches] == [60, 60, 60, 12]  # 192 rows: short last batch
     assert _ids(heldout) == _ids(batches)  # every pass starts at the beginning
-    train = ActivationLoader(id_store, HOOK, batch_size=60, heldout_chunks=3, max_rows=5 * first_heldout)
-    assert max(_ids(train)) < first_heldout
+    train = ActivationLoader(id_store, HOOK, batch_size=60, heldout_chunks=3, max_rows=5 * 1266)
+    assert not set(_ids(train)) & set(held)
     with pytest.raises(StoreError, match="heldout_chunks"):
         ActivationLoader(id_store, HOOK, batch_size=8, heldout_chunks=20)
 
 
 def test_an_unshuffled_training_split_is_one_pass_in_store_order(id_store: Path):
     train = ActivationLoader(id_store, HOOK, batch_size=100, split="train", shuffle=False, heldout_chunks=3)
-    assert _ids(_rows(train)) == list(range(17 * CHUNK))  # each training row once, in order; no held-out row
-    assert _ids(_rows(train)) == list(range(17 * CHUNK))  # and again from the start
+    expected = _split_ids(id_store, "train", 3)
+    assert len(expected) == 1266 - 3 * CHUNK
+    assert _ids(_rows(train)) == expected  # each training row once, in order; no held-out row
+    assert _ids(_rows(train)) == expected  # and again from the start
     everything = ActivationLoader(id_store, HOOK, batch_size=100, shuffle=False, heldout_chunks=0, max_rows=1000)
     assert _ids(_rows(everything)) == list(range(1000))
     with pytest.raises(StoreError, match="only the shuffled training split has a cursor"):
@@ -302,14 +312,15 @@ def test_conversion_on_this_thread_matches_copy():
 @pytest.mark.parametrize("batch_size", [7, 64, 300])  # 300 rows span three 2-chunk groups (128 rows)
 def test_batches_do_not_depend_on_thread_count_or_batch_group_overlap(id_store: Path, batch_size: int):
     settings = dict(batch_size=batch_size, seed=3, shuffle_buffer_chunks=2, heldout_chunks=1, prefetch_batches=3)
-    epoch_rows = 19 * CHUNK
+    train = _split_ids(id_store, "train", 1)
+    epoch_rows = len(train)
     one = _rows(ActivationLoader(id_store, HOOK, **settings, num_workers=1, max_rows=2 * epoch_rows))
     three = _rows(ActivationLoader(id_store, HOOK, **settings, num_workers=3, max_rows=2 * epoch_rows))
     assert len(one) == len(three) == -(-2 * epoch_rows // batch_size)
     for a, b in zip(one, three):
         assert torch.equal(a, b)
     ids = _ids(one)
-    assert sorted(ids[:epoch_rows]) == sorted(ids[epoch_rows:]) == list(range(epoch_rows))
+    assert sorted(ids[:epoch_rows]) == sorted(ids[epoch_rows:]) == train
 
 
 def _reference_stream(plan, n_rows_by_chunk: list[int], epochs: int) -> list[int]:
@@ -317,8 +328,9 @@ def _reference_stream(plan, n_rows_by_chunk: list[int], epochs: int) -> list[int
     stream = []
     for epoch in range(epochs):
         for group in range(plan.groups_per_epoch):
-            chunks = plan.group_chunks(epoch, group)
-            rows = [c * CHUNK + r for c in chunks for r in range(n_rows_by_chunk[c])]
+            pieces = plan.group_pieces(epoch, group)
+            rows = [c * CHUNK + r for c, first, stop in zip(pieces.chunk, pieces.start, pieces.stop) for r in range(first, stop)]
+            assert all(r % CHUNK < n_rows_by_chunk[r // CHUNK] for r in rows)
             stream += [rows[i] for i in plan.row_order(epoch, group, len(rows))]
     return stream
 

@@ -12,6 +12,7 @@ from store.reader import StoreReader
 from pipeline.sae.geometry import principal_components
 from store.moments import RunningMoments, norm_scale_factor
 from store.sampling import sample_rows
+from store.split import heldout_chunk_indices
 from store.split_moments import store_moments
 from tests.store_fixtures import make_store
 
@@ -69,7 +70,10 @@ def _store_rows(n: int = 1000, d: int = 6, seed: int = 4) -> np.ndarray:
 
 
 def _training(data: np.ndarray, heldout_chunks: int, n_chunks: int) -> np.ndarray:
-    return data[: (n_chunks - heldout_chunks) * CHUNK].astype(np.float64)
+    """The training split's rows, from the split's definition (held-out chunks are spread)."""
+    held = set(heldout_chunk_indices(n_chunks, heldout_chunks))
+    keep = np.array([row // CHUNK not in held for row in range(len(data))])
+    return data[keep].astype(np.float64)
 
 
 def test_running_moments_subtract_inverts_merge():
@@ -135,9 +139,11 @@ def test_sample_rows_draws_distinct_training_rows_from_many_chunks(tmp_path):
     sample = sample_rows(reader, HOOK, 300, seed=1, heldout_chunks=2)
     picked = sample[:, 0].long().tolist()
     assert len(picked) == 300 == len(set(picked))
-    assert max(picked) < 39 * CHUNK  # chunks 39 and 40 are held out
+    held_chunks = heldout_chunk_indices(41, 2)
+    assert not {p // CHUNK for p in picked} & set(held_chunks)
     assert len({p // CHUNK for p in picked}) >= 15  # 4x oversampled: 5 chunks' worth from ~20
     assert torch.equal(sample, sample_rows(reader, HOOK, 300, seed=1, heldout_chunks=2))
     assert not torch.equal(sample, sample_rows(reader, HOOK, 300, seed=2, heldout_chunks=2))
     held = sample_rows(reader, HOOK, 10_000, split="heldout", heldout_chunks=2)
-    assert held[:, 0].long().tolist() == list(range(39 * CHUNK, n))  # whole split, store order
+    expected = [row for c in held_chunks for row in range(c * CHUNK, min((c + 1) * CHUNK, n))]
+    assert held[:, 0].long().tolist() == expected  # whole split, store order
