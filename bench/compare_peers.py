@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--ours-set", action="append", default=[], help="extra saeflow override, repeatable")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep peer runs already in --out for the same rows and tokens (iterating on ours)")
+    parser.add_argument("--peers", nargs="+", choices=["sae-lens", "sparsify"], default=["sae-lens", "sparsify"],
+                        help="peers to run (SAELens is the slow one)")
     parser.add_argument("--out", type=Path, default=OUT / "compare")
     args = parser.parse_args()
     args.out, args.store = args.out.resolve(), args.store.resolve()
@@ -162,6 +164,8 @@ def main() -> None:
     acts = export_training_rows(cfg, args.out / f"rows-{args.tokens}.npy")
     peer = dict(tokens=args.tokens, batch_size=batch, k=k, expansion=expansion, warmup_steps=WARMUP_STEPS)
     for name, tool in (("sae-lens", "saelens"), ("sparsify", "sparsify")):
+        if name not in args.peers:
+            continue
         previous = args.out / tool / "run.json"
         if args.reuse_peers and previous.is_file():
             facts = json.loads(previous.read_text())
@@ -176,13 +180,13 @@ def main() -> None:
 
     rows = np.load(acts, mmap_mode="r")
     tail = rows[int(len(rows) * 0.8):]
-    saes = {"saeflow": load_sae(Path(results["saeflow"]["dir"]), device="cpu"),
-            "sae-lens": peer_sae(args.out / "saelens", k), "sparsify": peer_sae(args.out / "sparsify", k)}
+    saes = {"saeflow": load_sae(Path(results["saeflow"]["dir"]), device="cpu")}
+    saes.update({name: peer_sae(args.out / name.replace("-", ""), k) for name in args.peers})
     for name, sae in saes.items():
         results[name]["eval"] = evaluate_sae(sae, args.store, heldout_chunks=cfg.loader.heldout_chunks, train_rows=tail)
 
     e2e: dict[str, dict] = {}
-    if generate_seconds is not None:
+    if generate_seconds is not None and "sae-lens" in results:
         e2e["saeflow"] = {"seconds": generate_seconds + results["saeflow"]["train_cli_seconds"],
                           "generate_seconds": generate_seconds,
                           "generate_measured_now": store["generated"],
@@ -209,9 +213,8 @@ def main() -> None:
     for name, facts in e2e.items():
         say(f"end to end {name}: {facts['seconds']:.0f} s")
     fvu = {name: facts["eval"]["fvu"] for name, facts in results.items()}
-    best_peer = min(fvu["sae-lens"], fvu["sparsify"])
-    speed = results["saeflow"]["tokens_per_second"] / max(results["sae-lens"]["tokens_per_second"],
-                                                          results["sparsify"]["tokens_per_second"])
+    best_peer = min(fvu[name] for name in args.peers)
+    speed = results["saeflow"]["tokens_per_second"] / max(results[name]["tokens_per_second"] for name in args.peers)
     say(f"train tokens/s ours/faster peer: {speed:.2f} (goal >= 2); dead ours: "
         f"{results['saeflow']['eval']['dead_fraction_heldout_and_train_tail']:.2%} (goal <= 1%)")
     say(f"written: {args.out / 'result.json'} ({summary['seconds']:.0f} s)")

@@ -19,9 +19,9 @@ from pipeline.distributed import SINGLE, Ranks
 from pipeline.files import append_line, remove_temporaries, write_text_atomically
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
-from pipeline.sae.sparse_topk import gathered_encoder_values
 from pipeline.train.checkpoint import checkpoint_step, damaged, load_checkpoint, read_info, save_checkpoint
-from pipeline.train.losses import aux_k_loss, l1_sparsity, reconstruction_loss, tanh_sparsity
+from pipeline.train.aux_k import aux_k_loss
+from pipeline.train.losses import l1_sparsity, reconstruction_loss, tanh_sparsity
 from pipeline.train.run_record import run_changes
 from pipeline.train.schedules import annealed_k, lr_multiplier, sparsity_coefficient
 from pipeline.train.trackers import numeric_scalars, open_tracker
@@ -150,15 +150,13 @@ class SAETrainer:
         sae, cfg = self.sae, self.train_cfg
         if not sae.cfg.act.uses_top_k or not cfg.aux_k_coefficient:
             return {}
-        dead = self.dead_mask()
         residual = (target - x_hat).detach()
-        values_at = None
-        if out.feature_acts is None and not sae.cfg.use_glu_encoder and x.dim() == 2:
-            # sparse TopK path: the dead latents' gradient in O(B * k_aux * d_model), not a
-            # second dense (d_model x B x d_sae) encoder matmul through hidden_pre
-            def values_at(indices):
-                return gathered_encoder_values(x, sae.W_enc, sae.b_enc, out.hidden_pre, indices)
-        aux = aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, self.k_aux, values_at, sync_free=self.sync_free)
+        # sparse TopK path: hidden_pre has no graph; the dead latents' gradients go to the
+        # encoder directly, not through a second dense (d_model x B x d_sae) encoder matmul
+        sparse = out.feature_acts is None and not sae.cfg.use_glu_encoder and x.dim() == 2
+        encoder = (x, sae.W_enc, sae.b_enc) if sparse else None
+        aux = aux_k_loss(residual, out.hidden_pre, self.dead_mask(), sae.W_dec, self.k_aux, encoder,
+                         sync_free=self.sync_free)
         return {"aux_k_loss": cfg.aux_k_coefficient * aux}
 
     def dead_mask(self) -> torch.Tensor:
