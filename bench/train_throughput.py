@@ -154,7 +154,9 @@ def main() -> None:
     acts = None
     for width in args.widths:
         expansion = width // D_MODEL
-        common = [f"loader.batch_size={args.batch_size}", f"sae.top_k={args.k}", f"sae.expansion_factor={expansion}"]
+        # the dead window of a default 1M-token run, not of this short one (a hundredth of it)
+        common = [f"loader.batch_size={args.batch_size}", f"sae.top_k={args.k}", f"sae.expansion_factor={expansion}",
+                  "train.dead_threshold_tokens=10000"]
         topk_cfg = bench_config(args.store, args.out / f"ours-topk-{width}", args.tokens, common,
                                 warmup_steps=args.warmup_steps)
         acts = acts or export_training_rows(topk_cfg, args.out / f"rows-{args.tokens}.npy")  # the same rows at every width

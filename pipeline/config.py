@@ -178,7 +178,7 @@ class TrainConfig(StrictModel):
     aux_k_coefficient: float = per_sae(1 / 32, ge=0)
     """weight of the AuxK loss (0 = no AuxK loss)"""
     dead_threshold_tokens: int | None = per_sae(None, ge=1)
-    """a latent that has not fired for this many tokens counts as dead (null = total_tokens // 10, at most 10M)"""
+    """a latent that has not fired for this many tokens counts as dead (null = total_tokens // 100, at most 10M)"""
     decoder_norm: Literal["unit", "in_sparsity"] = per_sae("unit")
     """unit = decoder rows renormalized to 1 after each step; in_sparsity = left free"""
     autocast_dtype: Literal["bfloat16", "float16"] | None = per_sae(None)
@@ -203,10 +203,12 @@ class TrainConfig(StrictModel):
 
     def dead_window_tokens(self) -> int:
         """dead_threshold_tokens in effect. The default scales with the run so that AuxK acts in
-        runs of any length: a tenth of it, capped at the 10M tokens Gao et al. use for long runs."""
+        runs of any length: a hundredth of it (at 1M tokens and 6144 latents, 10k left 1.5% of
+        latents silent on held-out rows, 100k 8%: docs/benchmarks.md), capped at the 10M tokens
+        Gao et al. use for long runs."""
         if self.dead_threshold_tokens is not None:
             return self.dead_threshold_tokens
-        return max(min(self.total_tokens // 10, DEAD_WINDOW_CAP_TOKENS), 1)
+        return max(min(self.total_tokens // 100, DEAD_WINDOW_CAP_TOKENS), 1)
 
 
 class EvaluateConfig(StrictModel):

@@ -46,7 +46,7 @@ def test_planted_dead_latents_get_aux_gradient_in_a_default_run(store, tmp_path)
         before = trainer.sae.W_dec[PLANTED].detach().clone()
         for x in batches:
             trainer.train_step(x, x)
-        assert trainer.step == 64 and trainer.dead_window == 16384 // 10  # the default window: a tenth of the run
+        assert trainer.step == 64 and trainer.dead_window == 16384 // 100  # the default window: a hundredth of the run
         assert bool(trainer.dead_mask()[PLANTED].all())  # they never fired: dead after the window
         moved[coefficient] = (trainer.sae.W_dec[PLANTED].detach() - before).norm(dim=-1)
     assert bool((moved["1/32 (default)"] > 1e-3).all()), moved  # every planted row trained by AuxK
