@@ -10,14 +10,22 @@ Crossover: the --scan expansion factors are timed in increasing order until spar
 first ratio d_sae / k where it does is printed as `sparse/dense TopK crossover on <device>:
 k*<r> <= d_sae` (the rule topk_decode: auto applies, with r = 8 measured on the CPU).
 
+AuxK (--aux): the sparse step with AuxK on (a share of latents planted dead) against off, each
+AuxK decode timed: dead columns by matmul, and gathered (embedding_bag), the two
+pipeline/train/aux_k.py chooses between at n_dead = DENSE_COLUMNS_PER_K_AUX * k_aux. Prints each
+step's ratio to the step without AuxK, and the n_dead / k_aux from which gathered is faster.
+
 usage: python bench/sae_step.py [--batch 4096] [--d-model 384] [--k 32] [--expansions 8 32]
                                 [--scan 0.25 0.5 1 2 4 8 16 32]
-Last line: the speedup at the first expansion factor (the issue's goal: >= 1.5).
+       python bench/sae_step.py --aux [--expansions 16] [--dead 0.01 0.03 0.1 0.3] [--k-aux 192]
+Last line: the speedup at the first expansion factor (the issue's goal: >= 1.5); with --aux, the
+step with AuxK (the decode aux_k.py picks) over the step without, at 10% dead (goal <= 1.15).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -25,6 +33,9 @@ import torch
 
 from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
+from pipeline.train.aux_k import DENSE_COLUMNS_PER_K_AUX, aux_k_loss
+from pipeline.train.losses import reconstruction_loss
+from pipeline.train.stage import keep_large_blocks_in_heap
 
 WARMUP = 2
 REPEATS = 5
@@ -77,6 +88,59 @@ def compare(d_model: int, expansion: float, k: int, batch: int) -> float:
     return dense_s / sparse_s
 
 
+def aux_step_seconds(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int,
+                     columns_per_k_aux: float) -> float:
+    """One sparse TopK training step: normalized MSE (+ AuxK over `dead`), backward."""
+    sync()
+    start = time.perf_counter()
+    x_hat, out = sae(x)
+    loss, _ = reconstruction_loss(x, x_hat, normalized=True)
+    if dead is not None:
+        encoder = (x, sae.W_enc, sae.b_enc)
+        loss = loss + aux_k_loss((x - x_hat).detach(), out.hidden_pre, dead, sae.W_dec, k_aux, encoder,
+                                 dense_columns_per_k_aux=columns_per_k_aux) / 32
+    loss.backward()
+    sae.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - start
+
+
+def compare_aux(args, expansion: float) -> float:
+    """Plain step vs AuxK with each decode, per dead share; returns auto's ratio at 10% dead."""
+    _, sae = make_pair(args.d_model, expansion, args.k)
+    d_sae = sae.cfg.d_sae
+    x = (torch.randn(args.batch, args.d_model) * 0.5).to(DEVICE)
+    order = torch.randperm(d_sae, generator=torch.Generator().manual_seed(0))
+    goal = None
+    faster_from = slower_at = None
+    for share in args.dead:
+        n_dead = max(int(share * d_sae), 1)
+        dead = torch.zeros(d_sae, dtype=torch.bool, device=DEVICE)
+        dead[order[:n_dead].to(DEVICE)] = True
+        cases = {"off": (None, 0), "columns": (dead, math.inf), "gathered": (dead, 0)}
+        timings = {name: [] for name in cases}
+        for round_index in range(WARMUP + REPEATS):
+            for name, (mask, columns) in cases.items():
+                seconds = aux_step_seconds(sae, x, mask, args.k_aux, columns)
+                if round_index >= WARMUP:
+                    timings[name].append(seconds)
+        median = {name: statistics.median(values) for name, values in timings.items()}
+        auto = "columns" if n_dead <= DENSE_COLUMNS_PER_K_AUX * args.k_aux else "gathered"
+        print(f"d_sae={d_sae} k_aux={args.k_aux} dead {n_dead} ({share:.0%}, n_dead/k_aux {n_dead / args.k_aux:.1f}): "
+              f"off {median['off'] * 1e3:.0f} ms, columns {median['columns'] * 1e3:.0f} ms "
+              f"({median['columns'] / median['off']:.2f}x), gathered {median['gathered'] * 1e3:.0f} ms "
+              f"({median['gathered'] / median['off']:.2f}x); auto: {auto}")
+        if median["gathered"] < median["columns"]:
+            faster_from = faster_from or n_dead / args.k_aux
+        else:
+            slower_at = n_dead / args.k_aux
+        if abs(share - 0.1) < 1e-9:
+            goal = median[auto] / median["off"]
+    print(f"gathered faster than columns from n_dead/k_aux = {faster_from and f'{faster_from:.1f}'} "
+          f"(columns faster at {slower_at and f'{slower_at:.1f}'}; auto switches at {DENSE_COLUMNS_PER_K_AUX})")
+    return goal
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4096)
@@ -85,9 +149,22 @@ def main() -> None:
     parser.add_argument("--expansions", type=float, nargs="+", default=[8, 32])
     parser.add_argument("--scan", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16, 32],
                         help="expansion factors scanned (ascending) for the sparse/dense crossover")
+    parser.add_argument("--aux", action="store_true", help="AuxK on vs off, and its two decodes")
+    parser.add_argument("--dead", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
+                        help="--aux: shares of latents planted dead")
+    parser.add_argument("--k-aux", type=int, default=None, help="--aux: default d_model // 2")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {DEVICE} ({where}), {WARMUP} warmup + {REPEATS} timed steps each")
+    if args.aux:
+        if DEVICE.type == "cpu":
+            keep_large_blocks_in_heap()  # as CPU training does: no page faults on every (B, d_sae) tensor
+        args.k_aux = args.k_aux or args.d_model // 2
+        ratios = [compare_aux(args, expansion) for expansion in args.expansions]
+        shown = ", ".join(f"{r:.2f}" for r in ratios if r is not None)
+        print(f"AuxK step / plain step at 10% dead (d_sae {', '.join(f'{args.d_model * e:g}' for e in args.expansions)}): "
+              f"{shown} (goal <= 1.15)")
+        return
     measured: dict[float, float] = {}
 
     def speedup(expansion: float) -> float:

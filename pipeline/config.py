@@ -146,6 +146,10 @@ class LoaderConfig(StrictModel):
     """local folder keeping the chunks of a remote store once fetched (keyed by checksum), for later epochs and runs; null = no cache"""
 
 
+# The default dead window (train.dead_threshold_tokens: null) never exceeds this.
+DEAD_WINDOW_CAP_TOKENS = 10_000_000
+
+
 class TrainConfig(StrictModel):
     # per_sae(...) marks the settings each SAE of a sweep may set for itself; the others are
     # shared because one loader pass feeds every variant.
@@ -177,12 +181,12 @@ class TrainConfig(StrictModel):
     """top_k anneals from k_anneal_start down to top_k over these steps"""
     k_anneal_start: int | None = per_sae(None, ge=1)
     """top_k at step 0 of the annealing (null = min(4 * top_k, d_sae))"""
-    aux_k: int | None = per_sae(512, ge=1)
-    """topk/batchtopk: dead latents in the AuxK loss (null = no AuxK loss)"""
+    aux_k: int | None = per_sae(None, ge=1)
+    """topk/batchtopk: dead latents each row's AuxK reconstruction uses (null = d_model // 2, as Gao et al.)"""
     aux_k_coefficient: float = per_sae(1 / 32, ge=0)
-    """weight of the AuxK loss"""
-    dead_threshold_tokens: int = per_sae(1_000_000, ge=1)
-    """a latent that has not fired for this many tokens counts as dead"""
+    """weight of the AuxK loss (0 = no AuxK loss)"""
+    dead_threshold_tokens: int | None = per_sae(None, ge=1)
+    """a latent that has not fired for this many tokens counts as dead (null = total_tokens // 100, at most 10M)"""
     decoder_norm: Literal["unit", "in_sparsity"] = per_sae("unit")
     """unit = decoder rows renormalized to 1 after each step; in_sparsity = left free"""
     autocast_dtype: Literal["bfloat16", "float16"] | None = per_sae(None)
@@ -210,6 +214,15 @@ class TrainConfig(StrictModel):
     # may set sae.*, initializer.* and the per_sae train settings above (per_sae_train_keys()).
     sweep: list[dict[str, Any]] = Field(default_factory=list)
     """SAE variants sharing one loader pass: [{key: value, name: ...}]; keys: sae.*, initializer.*, per-SAE train.*"""
+
+    def dead_window_tokens(self) -> int:
+        """dead_threshold_tokens in effect. The default scales with the run so that AuxK acts in
+        runs of any length: a hundredth of it (at 1M tokens and 6144 latents, 10k left 1.5% of
+        latents silent on held-out rows, 100k 8%: docs/benchmarks.md), capped at the 10M tokens
+        Gao et al. use for long runs."""
+        if self.dead_threshold_tokens is not None:
+            return self.dead_threshold_tokens
+        return max(min(self.total_tokens // 100, DEAD_WINDOW_CAP_TOKENS), 1)
 
 
 class EvaluateConfig(StrictModel):

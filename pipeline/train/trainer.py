@@ -20,9 +20,9 @@ from pipeline.files import append_line, remove_temporaries, write_text_atomicall
 from pipeline.sae.encoder_kernel import kernel_choices, pin_kernel_choices
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
-from pipeline.sae.sparse_topk import gathered_encoder_values
 from pipeline.train.checkpoint import checkpoint_step, damaged, load_checkpoint, read_info, save_checkpoint
-from pipeline.train.losses import aux_k_loss, l1_sparsity, reconstruction_loss, tanh_sparsity
+from pipeline.train.aux_k import aux_k_loss
+from pipeline.train.losses import l1_sparsity, reconstruction_loss, tanh_sparsity
 from pipeline.train.run_record import run_changes
 from pipeline.train.schedules import annealed_k, lr_multiplier, sparsity_coefficient
 from pipeline.train.trackers import numeric_scalars, open_tracker
@@ -50,6 +50,8 @@ class SAETrainer:
         # the gradients are unscaled before the decoder projection and clipping (bf16 needs none)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.autocast_dtype == "float16")
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=device)
+        self.dead_window = cfg.train.dead_window_tokens()
+        self.k_aux = cfg.train.aux_k or max(sae.cfg.d_model // 2, 1)  # Gao et al.'s default
         # No host sync in a step on an accelerator (tests/train/test_sync.py): the CPU keeps
         # AuxK's faster data-dependent selection, where a "sync" costs nothing.
         self.sync_free = device.type != "cpu"
@@ -101,7 +103,8 @@ class SAETrainer:
         with autocast:
             x_hat, out = self.forward(x, k) if k is not None else self.forward(x)
         x_hat = x_hat.float()
-        mse = reconstruction_loss(target, x_hat)
+        # TopK's loss is normalized (Gao et al.); the L1/L0 SAEs keep the sum their coefficients fit
+        mse, squared_error = reconstruction_loss(target, x_hat, normalized=sae.cfg.act.uses_top_k)
         terms = {"mse_loss": mse}
         terms.update(self._sparsity_terms(out))
         terms.update(self._aux_terms(x, target, x_hat, out))
@@ -128,7 +131,7 @@ class SAETrainer:
                 reconstruction = sae.denormalize_output(x_hat.detach(), x_in)
                 self._window.add(terms, loss, grad_norm, x_out, out, counts, (x_out - reconstruction).pow(2).sum())
         else:  # one factor for every row cancels: FVU in the normalized space is the raw one
-            self._window.add(terms, loss, grad_norm, target, out, counts)
+            self._window.add(terms, loss, grad_norm, target, out, counts, squared_error.detach())
         if self.step % self.log_every_steps == 0 or self.step == self.total_steps:  # a short run logs its end too
             self._log(multiplier * cfg.lr, k)
 
@@ -147,21 +150,20 @@ class SAETrainer:
 
     def _aux_terms(self, x, target, x_hat, out) -> dict[str, torch.Tensor]:
         sae, cfg = self.sae, self.train_cfg
-        if not sae.cfg.act.uses_top_k or not cfg.aux_k or not cfg.aux_k_coefficient:
+        if not sae.cfg.act.uses_top_k or not cfg.aux_k_coefficient:
             return {}
-        dead = self.dead_mask()
         residual = (target - x_hat).detach()
-        values_at = None
-        if out.feature_acts is None and not sae.cfg.use_glu_encoder and x.dim() == 2:
-            # sparse TopK path: the dead latents' gradient in O(B * k_aux * d_model), not a
-            # second dense (d_model x B x d_sae) encoder matmul through hidden_pre
-            def values_at(indices):
-                return gathered_encoder_values(x, sae.W_enc, sae.b_enc, out.hidden_pre, indices)
-        aux = aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, cfg.aux_k, values_at, sync_free=self.sync_free)
+        # sparse TopK path: hidden_pre has no graph; the dead latents' gradients go to the
+        # encoder directly, not through a second dense (d_model x B x d_sae) encoder matmul
+        sparse = out.feature_acts is None and not sae.cfg.use_glu_encoder and x.dim() == 2
+        encoder = (x, sae.W_enc, sae.b_enc) if sparse else None
+        aux = aux_k_loss(residual, out.hidden_pre, self.dead_mask(), sae.W_dec, self.k_aux, encoder,
+                         sync_free=self.sync_free)
         return {"aux_k_loss": cfg.aux_k_coefficient * aux}
 
     def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.train_cfg.dead_threshold_tokens
+        """Latents silent for the dead window: the ones AuxK trains and dead_fraction counts."""
+        return self.tokens_since_fired >= self.dead_window
 
     def _new_window(self) -> _LogWindow:
         return _LogWindow(ReconstructionMetrics(self.dataset_mean, self.sae.cfg.d_sae))
@@ -307,15 +309,13 @@ class _LogWindow:
     def rows(self) -> int:
         return self.metrics.rows
 
-    def add(self, terms, loss, grad_norm, target, out: SAEOutput, counts, squared_error=None) -> None:
+    def add(self, terms, loss, grad_norm, target, out: SAEOutput, counts, squared_error) -> None:
         """counts: (d_sae,) rows of the batch each latent fired on (out.firing_counts());
-        squared_error: the batch's sum of ||target - x_hat||^2 when not mse_loss * rows."""
+        squared_error: the batch's sum of ||target - x_hat||^2."""
         with torch.no_grad():
             for key, value in {**terms, "loss": loss, "grad_norm": grad_norm}.items():
                 value = value.detach().double()
                 self.sums[key] = value if key not in self.sums else self.sums[key] + value
-        if squared_error is None:  # mse_loss is the batch mean of ||target - x_hat||^2: its sum is mse * B
-            squared_error = terms["mse_loss"].detach() * target.shape[0]
         self.metrics.update(target, squared_error, out, counts)
         self.steps += 1
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import validate_config
 from pipeline.sae.initialize import initialize_sae
-from pipeline.train.losses import aux_k_loss
+from pipeline.train.aux_k import aux_k_loss
 from pipeline.train.trainer import SAETrainer
 
 HOOK = "blocks.0.hook_resid_post"

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import load_config, validate_config
-from pipeline.train.losses import aux_k_loss
+from pipeline.train.aux_k import aux_k_loss
 from pipeline.train.schedules import annealed_k, lr_multiplier
 from pipeline.train.stage import train
 from store.reader import StoreReader
