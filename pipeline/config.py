@@ -193,10 +193,8 @@ class TrainConfig(StrictModel):
     """run the SAE's forward under torch.autocast in this dtype (null = off); float16 adds a GradScaler"""
     compile: bool = per_sae(False)
     """torch.compile the SAE's forward (fuses its elementwise work on a GPU; compiling costs ~a minute)"""
-    # The running estimate kept in training lags (held-out L0 12.4 for k=8 on configs/tiny.yaml);
-    # pipeline/train/calibrate.py sets the threshold from these rows instead.
     batchtopk_calibration_rows: int = Field(65_536, ge=0)
-    """batchtopk: training rows on which the inference threshold is set at the end so that mean L0 = top_k (0 = keep the running estimate)"""
+    """batchtopk: training rows on which the inference threshold is set at the end so that mean L0 = top_k (0 = keep training's lagging running estimate)"""
     checkpoint_every_tokens: int | None = Field(None, ge=1)
     """save a resumable checkpoint every this many tokens (null = none)"""
     log_every_steps: int = Field(10, ge=1)
