@@ -260,7 +260,7 @@ def peer_sae(directory: Path, k: int) -> SparseAutoencoder:
 
 def evaluate_sae(sae: SparseAutoencoder, store: Path, *, heldout_chunks: int, batch_size: int = 4096) -> dict:
     """saeflow's held-out metrics of any SAE: FVU (against the training split's mean, as the
-    evaluator), L0 and dead_fraction (dead_heldout: latents that fire on none of the held-out rows)."""
+    evaluator), L0 and dead_fraction_heldout (latents that fire on none of the held-out rows)."""
     reader = StoreReader(store)
     hook = sae.cfg.hook_point_in
     mean = store_moments(reader, hook, heldout_chunks=heldout_chunks, track_covariance=False).mean.double()

@@ -245,7 +245,7 @@ def main() -> None:
             marks = " ".join(mark for mark, on in (("default", multiplier == 1.0), ("best", multiplier == best[name])) if on)
             load = facts.get("load_before_after") or facts.get("host_load_1min_before_after")
             say(f"{name:<10} {facts['lr']:>9.3g} {marks:<13} {ev['fvu']:>7.4f} {ev['l0']:>6.1f} "
-                f"{ev['dead_fraction']:>13.2%} {facts['tokens_per_second']:>12,.0f}   {load}")
+                f"{ev['dead_fraction_heldout']:>13.2%} {facts['tokens_per_second']:>12,.0f}   {load}")
     for name, facts in e2e.items():
         say(f"end to end {name}: {facts['seconds']:.0f} s")
     fvu = {name: sweeps[name][best[name]]["eval"]["fvu"] for name in sweeps}
@@ -253,7 +253,7 @@ def main() -> None:
     speed = {name: sweeps[name][1.0]["tokens_per_second"] for name in sweeps}
     say(f"at defaults: FVU ours/best peer {default_fvu['saeflow'] / min(default_fvu['sae-lens'], default_fvu['sparsify']):.2f}; "
         f"train tokens/s ours/faster peer {speed['saeflow'] / max(speed['sae-lens'], speed['sparsify']):.2f} (goal >= 2); "
-        f"dead_heldout ours (best lr) {sweeps['saeflow'][best['saeflow']]['eval']['dead_fraction']:.2%} (goal <= 1%)")
+        f"dead_heldout ours (best lr) {sweeps['saeflow'][best['saeflow']]['eval']['dead_fraction_heldout']:.2%} (goal <= 1%)")
     say(f"written: {args.out / 'result.json'} ({summary['seconds']:.0f} s)")
     print(f"FVU ours/best-tuned-peer at {args.tokens:,} tokens, L0 {k}, each tool at its best lr: "
           f"{fvu['saeflow'] / min(fvu['sae-lens'], fvu['sparsify']):.2f} (goal <= 0.9)")

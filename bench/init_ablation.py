@@ -72,7 +72,7 @@ def ablate(store: Path, out: Path, tokens: int, variants: dict[str, dict], hook:
         sae = load_sae(directory, device="cpu")
         results[directory.name]["final"] = evaluate_sae(sae, store, heldout_chunks=cfg.loader.heldout_chunks)
         log = [json.loads(line) for line in (directory / "train_log.jsonl").read_text().splitlines()]
-        results[directory.name]["train_dead_fraction_last_log"] = log[-1]["dead_fraction"]
+        results[directory.name]["dead_fraction_train_window_last_log"] = log[-1]["dead_fraction_train_window"]
     for name in results:
         results[name]["settings"] = variants[name]
     return {"variants": results, "train_seconds_all_variants": seconds, "tokens": tokens,
@@ -127,7 +127,7 @@ def main() -> None:
     for hook, block in (("resid_post", resid), ("attn_out", attn)):
         for name, facts in block["variants"].items():
             say(f"{hook:<10} {name:<16} {facts['initial']['fvu']:>9.4f} {facts['final']['fvu']:>10.4f} "
-                f"{facts['final']['l0']:>5.1f} {facts['final']['dead_fraction']:>7.2%} {facts['init_seconds']:>7.2f}")
+                f"{facts['final']['l0']:>5.1f} {facts['final']['dead_fraction_heldout']:>7.2%} {facts['init_seconds']:>7.2f}")
         say(f"{hook}: top {d_model // 2} principal directions hold {block['variance_share_top_half_pcs']:.1%} "
             f"of the variance; {block['tokens']:,} training tokens")
     say(f"written: {args.out / 'result.json'} ({summary['seconds']:.0f} s)")
@@ -135,7 +135,7 @@ def main() -> None:
     fvu = {name: facts["final"]["fvu"] for name, facts in variants.items()}
     say(f"final FVU recommended/all_zero (resid_post): {fvu['recommended'] / fvu['all_zero']:.2f}; "
         f"initial FVU {variants['recommended']['initial']['fvu']:.3f} vs {variants['all_zero']['initial']['fvu']:.3f}")
-    dead = {name: facts["final"]["dead_fraction"] for name, facts in variants.items()}
+    dead = {name: facts["final"]["dead_fraction_heldout"] for name, facts in variants.items()}
     print(f"dead latents recommended/all_zero (resid_post, held-out, {args.tokens:,} tokens): "
           f"{dead['recommended'] / max(dead['all_zero'], 1e-9):.2f} (goal < 1)")
 

@@ -110,7 +110,7 @@ def train(cfg, overwrite, allow_incomplete):
     for directory in directories:
         heldout = json.loads((directory / "train_metrics.json").read_text())["heldout"]
         click.echo(f"trained: {directory}: held-out fvu {heldout['fvu']:.4f}, l0 {heldout['l0']:.1f}, "
-                   f"dead {heldout['dead_fraction']:.2%}, dense {heldout['dense_fraction']:.2%}")
+                   f"dead {heldout['dead_fraction_heldout']:.2%}, dense {heldout['dense_fraction']:.2%}")
     click.echo(f"next: saeflow evaluate {click.get_current_context().params['config']}  (metrics.json, LM splice)")
 
 

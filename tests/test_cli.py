@@ -63,7 +63,7 @@ def tiny_run(tmp_path_factory) -> Path:
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     (work / "tiny.yaml").write_text(yaml.safe_dump(config))
     saeflow("generate", "tiny.yaml", cwd=work)
-    saeflow("train", "tiny.yaml", cwd=work)
+    (work / "train.stdout").write_text(saeflow("train", "tiny.yaml", cwd=work).stdout)
     saeflow("evaluate", "tiny.yaml", cwd=work)
     return work
 
@@ -83,6 +83,8 @@ def test_train_saves_a_loadable_sae_that_reconstructs(tiny_run):
     metrics = json.loads((run / "train_metrics.json").read_text())["heldout"]
     assert 0 < metrics["fvu"] < 1, metrics  # better than predicting the mean
     assert abs(metrics["l0"] - 8) < 1e-6  # top_k = 8
+    # the dead figure train prints is the held-out one it wrote
+    assert f"dead {metrics['dead_fraction_heldout']:.2%}," in (tiny_run / "train.stdout").read_text()
     assert (run / "plots" / "feature_density.png").is_file()
     assert (run / "saelens" / "sae_weights.safetensors").is_file()
     metadata = json.loads((run / "saelens" / "cfg.json").read_text())["metadata"]  # from the store's manifest

@@ -4,7 +4,8 @@ For each variant (pipeline/sweeps.py sweep_variants) in <train.out_dir>/<name>/:
 - activation metrics on the store's held-out split (loader.heldout_chunks chunks spread over
   the store, minus documents training rows hold: store/split.py; up to evaluate.n_tokens rows):
   FVU (against the target hook's dataset mean from the store's statistics), explained
-  variance, MSE (summed over dimensions, mean per row), L0 mean and histogram, dead latents (no firing on those rows) and dense ones (firing on > 10% of them);
+  variance, MSE (summed over dimensions, mean per row), L0 mean and histogram, dead latents
+  (dead_fraction_heldout, dead_latents: no firing on those rows) and dense ones (firing on > 10% of them);
 - for causal LMs with a head, the spliced-model metrics of splice.py on held-out text
   (sequences.py). Encoders without an LM head (MiniLM) get
   "lm_metrics_skipped": <why> instead.

@@ -85,6 +85,10 @@ class ReconstructionMetrics:
         """(d_sae,) float64 on the CPU: the share of rows on which each latent fired."""
         return self.fire_counts().double() / max(self.rows, 1)
 
+    def silent_fraction(self) -> float:
+        """The share of latents that fired on none of the rows passed to update()."""
+        return float((self.fire_counts() == 0).double().mean())
+
     def l0_histogram(self) -> dict[int, int]:
         """{L0: rows} for the L0 values that occurred (needs l0_histogram=True)."""
         if self._l0_counts is None:
@@ -93,6 +97,9 @@ class ReconstructionMetrics:
         return {int(l0): int(counts[l0]) for l0 in torch.nonzero(counts).flatten()}
 
     def result(self) -> dict[str, float | int]:
+        """Every figure over the rows passed. Written whole only as held-out reports (metrics.json,
+        train_metrics.json), so the dead figure is named for those rows: dead_fraction_heldout, firing
+        on none of them (dead_latents counts them). The training log takes fvu..l0 and dense_fraction."""
         rows = max(self.rows, 1)
         sq_error = float(self._sums.get("sq_error", 0.0))
         fvu = sq_error / max(float(self._sums.get("sq_centered", 0.0)), 1e-30)
@@ -103,7 +110,7 @@ class ReconstructionMetrics:
             "explained_variance": 1.0 - fvu,
             "mse": sq_error / rows,
             "l0": int(self.fire_counts().sum()) / rows,
-            "dead_fraction": float(dead.double().mean()),
+            "dead_fraction_heldout": self.silent_fraction(),
             "dense_fraction": float(dense.double().mean()),
             "dead_latents": int(dead.sum()),
             "dense_latents": int(dense.sum()),

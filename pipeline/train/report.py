@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from pipeline.files import write_file_atomically, write_text_atomically  # noqa: E402
 from pipeline.sae.metrics import heldout_metrics  # noqa: E402
 
-CURVE_KEYS = ("tokens", "step", "loss", "mse_loss", "fvu", "l0", "dead_fraction", "lr")
+CURVE_KEYS = ("tokens", "step", "loss", "mse_loss", "fvu", "l0", "dead_fraction_train_window", "lr")
 
 
 def write_heldout_report(trainer, loader) -> dict:
@@ -73,7 +73,7 @@ def plot_feature_density(frequency: torch.Tensor, path: Path, title: str) -> Non
 
 
 def plot_training_curves(records: list[dict], path: Path, title: str) -> None:
-    panels = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss", "loss")]
+    panels = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction_train_window", "dead fraction (train window)"), ("loss", "loss")]
     figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.2))
     tokens = [record["tokens"] for record in records]
     for axis, (key, label) in zip(axes, panels):

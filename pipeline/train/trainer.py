@@ -162,7 +162,7 @@ class SAETrainer:
         return {"aux_k_loss": cfg.aux_k_coefficient * aux}
 
     def dead_mask(self) -> torch.Tensor:
-        """Latents silent for the dead window: the ones AuxK trains and dead_fraction counts."""
+        """Latents silent for the dead window: the ones AuxK trains and dead_fraction_train_window counts."""
         return self.tokens_since_fired >= self.dead_window
 
     def _new_window(self) -> _LogWindow:
@@ -177,7 +177,7 @@ class SAETrainer:
             "step": self.step,
             "tokens": self.tokens,
             **summary,
-            "dead_fraction": float(self.dead_mask().float().mean()),
+            "dead_fraction_train_window": float(self.dead_mask().float().mean()),
             "lr": lr,
             "tokens_per_second": self._window.rows / max(now - self._clock, 1e-9),
         }
@@ -351,7 +351,7 @@ class _LogWindow:
             **{key: metrics[key] for key in ("fvu", "explained_variance", "mse", "l0")},
             "grad_norm": grad_norm,
             "dense_fraction": metrics["dense_fraction"],
-            "silent_in_window_fraction": metrics["dead_fraction"],
+            "silent_in_window_fraction": self.metrics.silent_fraction(),
         }
 
 

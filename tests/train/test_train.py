@@ -233,3 +233,29 @@ def test_wandb_tracker_runs_offline_or_names_its_install(tmp_path, monkeypatch):
         tracker.log({"train/fvu": 0.5}, step=1)
         tracker.close()
         assert (tmp_path / "wandb_run_id").read_text()
+
+
+def test_dead_figures_name_their_rows_and_the_heldout_one_is_a_direct_count(store, tmp_path):
+    from pipeline.sae.io import load_sae
+    from store.loader import ActivationLoader
+
+    # a one-batch dead window: latents silent for the last batch, which a log line per step also
+    # measures on its own (silent_in_window_fraction, from the window's firing counts)
+    cfg = tiny_config(store, tmp_path, "train.dead_threshold_tokens=256", "train.log_every_steps=1",
+                      "sae.expansion_factor=16")
+    run = train(cfg)[0]
+    logged = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all("dead_fraction" not in record for record in logged)
+    assert [record["dead_fraction_train_window"] for record in logged] == [
+        pytest.approx(record["silent_in_window_fraction"]) for record in logged]
+    assert any(record["dead_fraction_train_window"] > 0 for record in logged)
+
+    heldout = json.loads((run / "train_metrics.json").read_text())["heldout"]
+    assert "dead_fraction" not in heldout and "dead_fraction_train_window" not in heldout
+    sae = load_sae(run, device="cpu")
+    rows = ActivationLoader(StoreReader(store), sae.cfg.hook_point_in, batch_size=256, split="heldout",
+                            heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32)
+    with torch.no_grad():
+        fired = sum((sae.encode(batch[sae.cfg.hook_point_in]) != 0).sum(0) for batch in rows)
+    assert heldout["dead_latents"] == int((fired == 0).sum()) >= 1
+    assert heldout["dead_fraction_heldout"] == pytest.approx(float((fired == 0).double().mean()))
