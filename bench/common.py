@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from host import cpu_model, load_average  # noqa: E402,F401 (load_average: for the benches)
 from pipeline.config import ExperimentConfig, load_config  # noqa: E402
 from pipeline.sae.metrics import heldout_metrics  # noqa: E402
 from pipeline.sae.model import SparseAutoencoder  # noqa: E402
@@ -56,22 +57,10 @@ SAEFLOW = [sys.executable, "-m", "pipeline.cli"]
 
 
 # --- machine and conditions ---------------------------------------------------------------------
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": round(memory_gib, 1),
         "python": platform.python_version(),

@@ -48,6 +48,7 @@ from common import (
     CONFIG, DEFAULT_STORE, DEFAULT_STORE_TOKENS, OURS_SHORT_RUN, OUT, PEERS_DIR, PEERS_PY, REPO, SAEFLOW, ensure_peers_env,
     evaluate_sae, export_training_rows, generate_store, load_average, machine, peer_sae, run_peer, say, bench_config,
 )
+from host import print_host
 
 WARMUP_STEPS = 10
 TEXT_CHARS = 8_000_000  # docstring text handed to sparsify's own tokenization (> 1M tokens)
@@ -190,6 +191,7 @@ def main() -> None:
                         help="keep peer runs already in --out for the same rows and tokens (iterating on ours)")
     parser.add_argument("--out", type=Path, default=OUT / "compare")
     args = parser.parse_args()
+    print_host()
     if 1.0 not in args.lr_multipliers:
         parser.error("--lr-multipliers must hold 1 (each tool's default lr)")
     args.out, args.store = args.out.resolve(), args.store.resolve()

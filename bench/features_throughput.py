@@ -36,6 +36,7 @@ from pipeline.sae.config import SAEConfig  # noqa: E402
 from pipeline.sae.model import SparseAutoencoder  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.reader import StoreReader  # noqa: E402
+from host import print_host  # noqa: E402
 
 
 def loader(reader: StoreReader, batch_size: int) -> ActivationLoader:
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=FeaturesConfig().batch_size)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    print_host()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = args.store or Path(tmp) / "bench.zarr"
         if not (path / "zarr.json").exists():

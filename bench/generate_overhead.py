@@ -1,24 +1,30 @@
 """Generate throughput against the bare LM forward pass, and the store writer's own MB/s.
 
-In one run, on the MiniLM default (configs/minilm-docstrings.yaml: layer 3 resid_post, context
-128, batch 32), alternating rounds of:
-- forward: the same batches generate will make (tokenized beforehand, outside the timing)
-  through LanguageModel.run_hooks, results discarded;
-- generate: the whole stage (tokenize, window, forward, select rows, fp16, queue, background
-  writes, checksums, float64 statistics, commits) into a fresh store, timed to the final flush.
-Tokens/s counts positions forwarded (the same number in both); the ratio is the median over
-rounds of forward, generate, generate, forward (ABBA, so a shared machine's drifting load cancels).
-Also printed: the share of generate's wall time spent inside the LM forward (the rest is the
-producer's own work and the final flush). Then the writer alone: fp16 rows of d=384 put as fast
-as possible (MB/s of activation bytes committed, with checksums and stats).
+On the MiniLM default (configs/minilm-docstrings.yaml: layer 3 resid_post, context 128, batch
+32), two comparisons, each in interleaved rounds of forward, generate, generate, forward (ABBA, so
+a shared machine's drifting load cancels out of each round's ratio):
+- end to end, at the default size (1M rows): the wall time of the `saeflow generate` command
+  (interpreter start, imports, model load, tokenizing, forward, writes, statistics, final flush)
+  against the bare forward of the same batches in a fresh process, timed over the batch loop
+  only (tokenized beforehand, one warm-up batch, the allocator as a plain script leaves it);
+- loop only, in one process (--tokens rows): generate's batch loop (`generate()`: tokenize,
+  window, forward, select rows, fp16, queue, background writes, checksums, float64 statistics,
+  commits, final flush) against `run_hooks` over the same batches, both under generate's heap
+  setting (pipeline/heap.py), so the ratio is the cost of everything generate adds to the forward.
+Tokens/s counts positions forwarded (the same number on both sides). Each comparison prints its
+per-round ratios and their spread (max - min); the goal is on the end-to-end median. Then the
+writer alone: fp16 rows of d=384 put as fast as possible (MB/s committed, checksums and stats).
 
-    .venv/bin/python bench/generate_overhead.py [--tokens N] [--rounds R]
+    .venv/bin/python bench/generate_overhead.py [--e2e-tokens N] [--e2e-rounds R] [--tokens N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.generate.stage import check_model, generate, window_batches  # noqa: E402
 from pipeline.generate.lm import load_language_model  # noqa: E402
+from pipeline.heap import keep_large_blocks_in_heap  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
+from host import print_host  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "minilm-docstrings.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "minilm-docstrings.yaml"
 
 
 def same_batches(cfg, lm) -> list:
@@ -72,6 +81,46 @@ def generate_rate(cfg, lm, store: Path, batches: list) -> tuple[float, float, fl
     return result.tokens_forwarded / result.seconds, result.tokens_forwarded / cpu, result.forward_seconds / result.seconds
 
 
+def bare_forward_seconds(tokens: int) -> float:
+    """Child process: the forward loop's seconds over the batches of a `tokens`-row generate."""
+    cfg = load_config(CONFIG, [f"generate.target_tokens={tokens}"])
+    lm = load_language_model(cfg.model)
+    hooks = list(cfg.generate.hook_points)
+    batches = same_batches(cfg, lm)
+    forward_rate(lm, batches[:1], hooks)  # the first call's lazy imports are start-up, not forward
+    tokens_forwarded = sum(batch.tokens.size for batch in batches)
+    return tokens_forwarded / forward_rate(lm, batches, hooks)[0]
+
+
+def child(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def end_to_end_round(tokens: int, directory: Path, round_: int) -> float:
+    """forward, generate, generate, forward in fresh processes: bare forward s / command wall s."""
+    def forward() -> float:
+        return json.loads(child([__file__, "--bare-forward", str(tokens)]).stdout.splitlines()[-1])["seconds"]
+
+    def command(name: str) -> float:
+        began = time.perf_counter()
+        child(["-m", "pipeline.cli", "generate", str(CONFIG), "--set", f"generate.target_tokens={tokens}",
+               "--set", f"generate.store={directory / f'e2e{round_}{name}.zarr'}"])
+        return time.perf_counter() - began
+
+    f1, g1, g2, f2 = forward(), command("a"), command("b"), forward()
+    print(f"end to end, round {round_}: bare forward {f1:.1f} s, {f2:.1f} s; saeflow generate {g1:.1f} s, {g2:.1f} s "
+          f"(ratio {(f1 + f2) / (g1 + g2):.3f})", flush=True)
+    return (f1 + f2) / (g1 + g2)
+
+
+def spread(values: list[float]) -> str:
+    return f"{[round(v, 3) for v in values]}, spread {max(values) - min(values):.3f}"
+
+
 def writer_rate(directory: Path, d: int = 384, chunk_rows: int = 16384, chunks: int = 24) -> float:
     rng = np.random.default_rng(0)
     rows = torch.from_numpy(rng.standard_normal((chunk_rows, d), dtype=np.float32)).to(torch.float16)
@@ -88,11 +137,20 @@ def writer_rate(directory: Path, d: int = 384, chunk_rows: int = 16384, chunks: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=131072, help="rows per generate run (8 default chunks)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of forward, generate, generate, forward")
+    parser.add_argument("--e2e-tokens", type=int, default=1_048_576, help="rows per end-to-end run (the default config's)")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="end-to-end rounds (0: skip)")
+    parser.add_argument("--tokens", type=int, default=131072, help="rows per loop-only run (8 default chunks)")
+    parser.add_argument("--rounds", type=int, default=4, help="loop-only rounds")
+    parser.add_argument("--bare-forward", type=int, metavar="N", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.bare_forward:
+        print(json.dumps({"seconds": bare_forward_seconds(args.bare_forward)}))
+        return
+    print_host()
     with tempfile.TemporaryDirectory(prefix="saeflow-bench-") as tmp:
         tmp = Path(tmp)
+        e2e = [end_to_end_round(args.e2e_tokens, tmp, round_) for round_ in range(args.e2e_rounds)]
+        keep_large_blocks_in_heap()  # generate's setting, on both sides of the loop-only rounds
         cfg = load_config(CONFIG, [f"generate.target_tokens={args.tokens}"])
         lm = load_language_model(cfg.model)
         hooks = list(cfg.generate.hook_points)
@@ -100,8 +158,6 @@ def main() -> None:
         forward_rate(lm, batches[:4], hooks)  # warm-up: allocator, kernels, corpus cache
         forward, generated, ratios, cpu_ratios, shares = [], [], [], [], []
         for round_ in range(args.rounds):
-            # forward, generate, generate, forward: a load that drifts linearly within a round
-            # (this machine is shared) cancels out of the round's ratio.
             f1 = forward_rate(lm, batches, hooks)
             g1 = generate_rate(cfg, lm, tmp / f"round{round_}a.zarr", batches)
             g2 = generate_rate(cfg, lm, tmp / f"round{round_}b.zarr", batches)
@@ -113,17 +169,23 @@ def main() -> None:
             ratios.append(gen_wall / fwd_wall)
             cpu_ratios.append(gen_cpu / fwd_cpu)
             shares += [g1[2], g2[2]]
-            print(f"round {round_}: forward {fwd_wall:,.0f} tok/s, generate {gen_wall:,.0f} tok/s "
+            print(f"loop only, round {round_}: forward {fwd_wall:,.0f} tok/s, generate {gen_wall:,.0f} tok/s "
                   f"(ratio {ratios[-1]:.3f}; per CPU second {cpu_ratios[-1]:.3f})", flush=True)
         write_mb_s = writer_rate(tmp)
     fwd, gen = statistics.median(forward), statistics.median(generated)
     print(f"model {cfg.model.name}, hooks {hooks}, context {cfg.generate.context_size}, batch {cfg.generate.batch_size}, "
-          f"{len(batches)} batches x {args.rounds} rounds, torch threads {torch.get_num_threads()}")
-    print(f"forward (median): {fwd:,.0f} tok/s; generate (median): {gen:,.0f} tok/s")
-    print(f"share of generate's wall time inside the LM forward (median): {statistics.median(shares):.3f}")
-    print(f"per-round ratios {[round(r, 3) for r in ratios]}; CPU-time ratio (median) {statistics.median(cpu_ratios):.3f}")
+          f"torch threads {torch.get_num_threads()}; end to end {args.e2e_tokens:,} rows x {args.e2e_rounds} rounds, "
+          f"loop only {args.tokens:,} rows ({len(batches)} batches) x {args.rounds} rounds")
+    print(f"loop only: forward (median) {fwd:,.0f} tok/s; generate (median) {gen:,.0f} tok/s; "
+          f"share of generate's wall time inside the LM forward (median) {statistics.median(shares):.3f}")
+    print(f"loop only: generate/forward per round {spread(ratios)}; median {statistics.median(ratios):.3f}; "
+          f"CPU-time ratio (median) {statistics.median(cpu_ratios):.3f}")
     print(f"store writer alone (d=384 fp16, 16384-row chunks, checksums + float64 stats): {write_mb_s:,.0f} MB/s")
-    print(f"generate/forward: {statistics.median(ratios):.3f} (goal >= 0.95)")
+    if e2e:
+        print(f"end to end: per round {spread(e2e)}")
+        print(f"end-to-end generate/bare forward: {statistics.median(e2e):.3f} (goal >= 0.95)")
+    else:
+        print(f"loop-only generate/forward: {statistics.median(ratios):.3f} (goal >= 0.95)")
 
 
 if __name__ == "__main__":

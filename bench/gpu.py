@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from host import print_host
+
 NO_CUDA = ("no CUDA device: bench/gpu.py measures the GPU path; run it on a CUDA machine "
            "(pip install torch with the CUDA index, see README)")
 HOOK = "blocks.6.hook_resid_post"
@@ -171,6 +173,7 @@ def main() -> int:
     parser.add_argument("--skip-generate", action="store_true", help="skip (a); (c) uses a store of (a) left by an earlier run, else (b)'s")
     parser.add_argument("--skip-loader", action="store_true", help="skip (b)")
     args = parser.parse_args()
+    print_host()
     if not torch.cuda.is_available():
         print(NO_CUDA)
         return 0

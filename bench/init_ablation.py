@@ -30,6 +30,7 @@ import torch
 from common import (
     DEFAULT_STORE, DEFAULT_STORE_TOKENS, OURS_SHORT_RUN, OUT, bench_config, evaluate_sae, generate_store, load_average, machine, say,
 )
+from host import print_host  # noqa: E402
 
 ATTN_HOOK = "blocks.3.hook_attn_out"
 RECOMMENDED = {"initializer.bias_init_method": "geometric_median", "initializer.grid_search_init_norm": True,
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--attn-tokens", type=int, default=None, help="training tokens, attention (default: its split)")
     parser.add_argument("--out", type=Path, default=OUT / "init-ablation")
     args = parser.parse_args()
+    print_host()
     args.out, args.store, args.attn_store = args.out.resolve(), args.store.resolve(), args.attn_store.resolve()
     started = time.perf_counter()
 

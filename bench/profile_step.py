@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from common import DEFAULT_STORE, DEFAULT_STORE_TOKENS, OURS_SHORT_RUN, OUT, bench_config, generate_store, load_average, machine, say
+from host import print_host  # noqa: E402
 
 # phase -> (module path suffix, function name), inclusive time as cProfile counts it
 PHASES = {
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT / "profile-step")
     parser.add_argument("--top", type=int, default=15, help="also print the top functions by own time")
     args = parser.parse_args()
+    print_host()
     generate_store(args.store.resolve(), DEFAULT_STORE_TOKENS)
     from pipeline.train.stage import train
 

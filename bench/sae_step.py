@@ -35,7 +35,8 @@ from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
 from pipeline.train.aux_k import DENSE_COLUMNS_PER_K_AUX, aux_k_loss
 from pipeline.train.losses import reconstruction_loss
-from pipeline.train.stage import keep_large_blocks_in_heap
+from pipeline.heap import keep_large_blocks_in_heap
+from host import print_host  # noqa: E402
 
 WARMUP = 2
 REPEATS = 5
@@ -154,6 +155,7 @@ def main() -> None:
                         help="--aux: shares of latents planted dead")
     parser.add_argument("--k-aux", type=int, default=None, help="--aux: default d_model // 2")
     args = parser.parse_args()
+    print_host()
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {DEVICE} ({where}), {WARMUP} warmup + {REPEATS} timed steps each")
     if args.aux:

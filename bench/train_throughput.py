@@ -41,6 +41,7 @@ from common import (
     DEFAULT_STORE, DEFAULT_STORE_TOKENS, HOOK, OUT, PEERS_DIR, PEERS_PY, bench_config, ensure_peers_env,
     export_training_rows, generate_store, load_average, machine, run_ours, run_peer, say, training_loader,
 )
+from host import print_host
 
 # SAELens's standard (ReLU + L1) SAE through the same SAETrainer seam as bench/peers/train_saelens.py
 # (that adapter builds TopK only); run in bench/.peers-venv with bench/peers on sys.path.
@@ -85,7 +86,8 @@ def saelens_relu(acts: Path, out: Path, *, tokens: int, batch_size: int, expansi
 def planted_dead(cfg, share: float, steps: int, warmup: int) -> dict:
     """Median step time of our trainer with `share` of its latents kept dead (AuxK on) over the
     same trainer's with AuxK off, on the same batches; the two alternate which steps first."""
-    from pipeline.train.stage import build_trainer, keep_large_blocks_in_heap, open_store
+    from pipeline.heap import keep_large_blocks_in_heap
+    from pipeline.train.stage import build_trainer, open_store
 
     keep_large_blocks_in_heap()  # as the training stage does on the CPU
     reader = open_store(str(cfg.generate.store))
@@ -138,6 +140,7 @@ def main() -> None:
                              "disturbed by other work on a shared machine")
     parser.add_argument("--out", type=Path, default=OUT / "throughput")
     args = parser.parse_args()
+    print_host()
     args.out, args.store = args.out.resolve(), args.store.resolve()
     if any(width % D_MODEL for width in args.widths):
         parser.error(f"--widths must be multiples of d_model {D_MODEL}, got {args.widths}")

@@ -22,10 +22,10 @@ import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_device
 from pipeline.distributed import Ranks, join_ranks, leave_ranks
-from pipeline.generate.lm import LanguageModel, load_language_model
+from pipeline.generate.lm import LanguageModel
 from pipeline.generate.provenance import create_writer, existing_store, save_store_tokenizer
-from pipeline.generate.stage import (GenerateResult, LMRows, say, check_model, resume_point, window_batches,
-                                     write_batches)
+from pipeline.generate.stage import (GenerateResult, LMRows, say, check_model, ready_model, resume_point,
+                                     window_batches, write_batches)
 from pipeline.generate.windows import Batch, WindowCursor
 from store.dtypes import TORCH_DTYPES
 from store.format import StoreError
@@ -62,7 +62,7 @@ def generate_on_ranks(cfg: ExperimentConfig, *, overwrite: bool = False, lm: Lan
             manifest = StoreReader(path).manifest
             say(f"store {path} is complete ({manifest.n_rows} rows, same config); nothing to do")
             return GenerateResult(path.local or str(path), manifest.n_rows, 0, 0, 0.0, 0.0, False, True)
-        lm = lm or load_language_model(cfg.model)
+        lm = ready_model(cfg, lm)
         hook_dims, spec = check_model(lm, cfg)
         torch.manual_seed(cfg.generate.seed)
         part = _write_part(cfg, lm, part_location(path, ranks.rank, ranks.world), ranks, hook_dims, spec)

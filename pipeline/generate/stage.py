@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.generate.lm import LanguageModel, load_language_model
+from pipeline.heap import keep_large_blocks_in_heap
 from pipeline.generate.provenance import complete_store, create_writer, existing_store, save_store_tokenizer
 from pipeline.generate.text import DatasetError, iter_documents
 from pipeline.generate.windows import Batch, WindowCursor, WindowSpec, encoded_documents, iter_batches, iter_windows
@@ -65,7 +66,7 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
         manifest = existing_store(path, cfg, overwrite, say=say)
         if manifest is not None and manifest["complete"]:  # completed by a writer that just finished
             return _nothing_to_do(path, manifest)
-        lm = lm or load_language_model(cfg.model)
+        lm = ready_model(cfg, lm)
         hook_dims, spec = check_model(lm, cfg)
         torch.manual_seed(g.seed)
         if manifest is None:
@@ -84,6 +85,15 @@ def generate(cfg: ExperimentConfig, *, overwrite: bool = False, lm: LanguageMode
         with writer:
             save_store_tokenizer(path, lm)
             return write_batches(cfg, writer, _chain(first, batches), skip, manifest is not None, LMRows(lm, list(g.hook_points)))
+
+
+def ready_model(cfg: ExperimentConfig, lm: LanguageModel | None) -> LanguageModel:
+    """`lm`, or the model of cfg loaded; on the CPU the process keeps the forward's large blocks
+    in its heap (pipeline/heap.py: ~20x fewer page faults per batch)."""
+    lm = lm or load_language_model(cfg.model)
+    if lm.device.type == "cpu":
+        keep_large_blocks_in_heap()
+    return lm
 
 
 def _nothing_to_do(path: StoreLocation, manifest: dict) -> GenerateResult:

@@ -9,7 +9,6 @@ checkpoints continues from the newest step that every variant has saved.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.config import ConfigError, ExperimentConfig, resolve_device
 from pipeline.sweeps import sweep_variants
 from pipeline.distributed import SINGLE, Ranks, join_ranks, leave_ranks
 from pipeline.files import write_text_atomically
+from pipeline.heap import keep_large_blocks_in_heap
 from pipeline.sae.initialize import check_against_store, initialize_sae
 from pipeline.sae.io import export_saelens, save_sae
 from pipeline.sae.model import SparseAutoencoder
@@ -132,24 +132,6 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
         if launch.distributed and not ranks.distributed:
             launched["trained_by_rank"] = launch.rank
         finish_record(trainer.out_dir, {**record, "ranks": launched})
-
-
-def keep_large_blocks_in_heap() -> bool:
-    """CPU training allocates and frees several (batch, d_sae) tensors a step (48 MiB each at
-    4096 x 3072). glibc serves blocks above its mmap threshold (32 MiB at most) with fresh
-    mmaps and unmaps them on free, so every step page-faults and zeroes them again: elementwise
-    passes over them ran 2-5x slower than on reused memory (bench/train_throughput.py). Here the
-    process keeps such blocks in its heap (no mmap for allocations, no trimming of the heap's
-    top below 2 GiB), so a freed block is reused by the next step. Process-wide and harmless
-    beyond holding on to the peak heap; glibc only (returns False where mallopt is missing)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def open_store(path: str | StoreLocation, *, verify: bool = True, cache_dir: str | None = None,
