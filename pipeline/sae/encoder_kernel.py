@@ -4,9 +4,10 @@ Two kernels give the same values (to float32 rounding): torch's matmul (MKL sgem
 and oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`, a private op, what
 torch.compile emits for CPU linears). Which is faster depends on the CPU: oneDNN took 48-52 ms
 against 59-60 ms on the AMD EPYC cores of bench/sae_step.py, but 91.4 against 56.6 ms on an
-Intel Xeon (2 vCPUs). So the first call of each (rows, d_model, d_sae, dtype) times both on its
-own inputs (a few calls each, interleaved), checks oneDNN against the matmul, keeps the faster
-for the rest of the process and says so in one line. Problems below PROBE_MIN_MACS keep the
+Intel Xeon (2 vCPUs). So the first call of each problem (d_model, d_sae, dtype and the rows
+rounded up to a power of two, so a short last batch or an evaluation batch reuses the training
+batch's choice) times both on its own inputs (a few calls each, interleaved), checks oneDNN
+against the matmul, keeps the faster for the rest of the process and says so in one line. Problems below PROBE_MIN_MACS keep the
 matmul unprobed: there the kernel costs nothing worth measuring, and a choice made by timing
 noise would differ between processes.
 
@@ -142,7 +143,8 @@ def force_kernel(name: str) -> Iterator[None]:
 
 
 def _key(x: Tensor, W_enc: Tensor) -> str:
-    return f"{x.shape[0]}x{W_enc.shape[0]}->{W_enc.shape[1]} {str(x.dtype).removeprefix('torch.')}"
+    rows = 1 << max(0, x.shape[0] - 1).bit_length()  # the power of two at or above: one probe per size class
+    return f"{rows}x{W_enc.shape[0]}->{W_enc.shape[1]} {str(x.dtype).removeprefix('torch.')}"
 
 
 def _say(message: str) -> None:

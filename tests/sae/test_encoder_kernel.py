@@ -78,22 +78,25 @@ def test_the_probe_takes_a_correct_kernel_that_is_faster_and_keeps_the_default_o
     assert choice == DEFAULT_KERNEL and set(timings) == {DEFAULT_KERNEL, "slow"}
 
 
-def test_a_large_problem_is_probed_once_and_the_choice_said_in_one_line(capfd):
+def test_a_large_problem_is_probed_once_per_size_class_and_the_choice_said_in_one_line(capfd):
     x, W, b = problem(1031, 384, 384)  # a shape no other test uses: the cache is per process
     assert x.shape[0] * 384 * 384 >= PROBE_MIN_MACS
     first = kernel_for(x, W, b)
     second = kernel_for(x, W, b)
+    shorter = kernel_for(x[:1029], W, b)  # a short last batch: same size class, no second probe
     lines = [line for line in capfd.readouterr().err.splitlines() if "encoder kernel" in line]
-    assert first == second and first in KERNELS
-    assert len(lines) == 1 and lines[0].startswith("saeflow: encoder kernel for 1031x384->384 float32: ")
-    assert encoder_kernel.kernel_choices()["1031x384->384 float32"] == first
+    assert first == second == shorter and first in KERNELS
+    assert len(lines) == 1 and lines[0].startswith("saeflow: encoder kernel for 2048x384->384 float32: ")
+    assert encoder_kernel.kernel_choices()["2048x384->384 float32"] == first
+    kernel_for(*problem(2049, 384, 384))  # the next size class is probed on its own
+    assert "encoder kernel for 4096x384->384 float32" in capfd.readouterr().err
 
 
 def test_small_problems_keep_the_default_unprobed_and_pinned_choices_are_checked(capfd):
     x, W, b = problem(257, 16, 64)
     assert kernel_for(x, W, b) == DEFAULT_KERNEL  # too small to time
     assert "encoder kernel" not in capfd.readouterr().err
-    key = "257x16->64 float32"
+    key = "512x16->64 float32"
     pin_kernel_choices({key: "onednn"})  # as a checkpoint would; works where oneDNN does
     onednn_works = encoder_kernel.matches_default(KERNELS["onednn"], x, W, b)
     assert kernel_for(x, W, b) == ("onednn" if onednn_works else DEFAULT_KERNEL)
