@@ -199,18 +199,20 @@ class SparseAutoencoder(nn.Module):
         self.cfg = self.cfg.model_copy(update={"norm_activation": "inference"})
 
     @torch.no_grad()
-    def fold_decoder_norms(self) -> bool:
-        """Make every decoder row unit-norm without changing what the SAE computes: latent i's
-        encoder column, bias and threshold scale by n_i = ||W_dec row i|| and its row by 1/n_i
-        (relu, topk and jumprelu are positively homogeneous), so a latent's value becomes the
-        norm of its contribution to the reconstruction, as in SAELens' saved SAEs. Gates scaled
-        by decoder norms are unchanged. Where latents are ranked (topk) or share one threshold
-        (batchtopk) by hidden_pre alone, only a common norm can move: with unequal norms the SAE
-        is left as it is and False is returned. Zero rows stay zero. Computed in float64, one
-        rounding per weight."""
+    def fold_decoder_norms(self, *, keep_function: bool = True) -> bool:
+        """Make every decoder row unit-norm: latent i's encoder column, bias and threshold scale by
+        n_i = ||W_dec row i|| and its row by 1/n_i (relu, topk and jumprelu are positively
+        homogeneous), so a latent's value becomes the norm of its contribution to the
+        reconstruction, as in SAELens' saved SAEs. Gates scaled by decoder norms are unchanged.
+        Where latents are ranked (topk) or share one threshold (batchtopk) by hidden_pre alone,
+        only a common norm keeps the function: with unequal norms and keep_function the SAE is
+        left as it is and False is returned; without it (training's start, where only the init
+        norm must survive) the rows are moved all the same and the ranking may change. Zero rows
+        stay zero. Computed in float64, one rounding per weight."""
         norms = self.decoder_norms().double()
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # a zero row adds nothing: left as it is
-        if self.cfg.act.uses_top_k and not self.cfg.sparsity_include_decoder_norm:
+        ranked_by_hidden_pre = self.cfg.act.uses_top_k and not self.cfg.sparsity_include_decoder_norm
+        if ranked_by_hidden_pre and keep_function:
             common = norms.mean()
             if float((norms - common).abs().max() / common) > 1e-6:
                 return False
@@ -221,7 +223,7 @@ class SparseAutoencoder(nn.Module):
             if self.cfg.act.threshold == "log_threshold":
                 self.log_threshold.add_(norms.log().to(self.log_threshold.dtype))
             if self.cfg.act.threshold == "batchtopk_threshold":
-                self.batchtopk_threshold.mul_(norms[0].to(self.batchtopk_threshold.dtype))
+                self.batchtopk_threshold.mul_(norms.mean().to(self.batchtopk_threshold.dtype))
         self.decoder_rows_are_unit = False  # unit up to rounding; the flag is the trainer's promise
         return True
 

@@ -59,7 +59,7 @@ class SAETrainer:
         self.tokens = 0
         self._clock = time.perf_counter()
         if cfg.train.decoder_norm == "unit":
-            move_decoder_norms_into_encoder(sae)
+            sae.fold_decoder_norms(keep_function=False)  # the init norm survives unit-norm training
             sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
         forward = sae
         if ranks.distributed:  # DDP broadcasts rank 0's parameters and buffers, then averages gradients
@@ -357,16 +357,3 @@ class _LogWindow:
 
 def _fused_adam_supported(sae: SparseAutoencoder) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in sae.parameters())
-
-
-@torch.no_grad()
-def move_decoder_norms_into_encoder(sae: SparseAutoencoder) -> None:
-    """Make decoder rows unit-norm without changing the SAE's function: latent i's activation
-    scales by n_i and its decoder row by 1/n_i (relu, topk and jumprelu are positively
-    homogeneous), so the init norm found by the grid search survives unit-norm training."""
-    norms = sae.decoder_norms().clamp_min(1e-8)
-    sae.W_dec.div_(norms[:, None])
-    sae.W_enc.mul_(norms[None, :])
-    sae.b_enc.mul_(norms)
-    if sae.cfg.act.threshold == "log_threshold" and not sae.cfg.sparsity_include_decoder_norm:
-        sae.log_threshold.add_(norms.log())  # gated by hidden_pre alone, which just grew by n_i

@@ -261,6 +261,25 @@ def test_decoder_norm_helpers():
     assert parallel.abs().max() < 1e-10 and (grad_before * sae.W_dec).sum(-1).abs().max() > 1e-3
 
 
+def test_folding_decoder_norms_keeps_the_function_or_says_it_cannot():
+    x = torch.randn(32, D, dtype=torch.float64)
+    relu = make_sae(act_fn="relu", dtype=torch.float64)
+    with torch.no_grad():
+        relu.W_dec[3].zero_()  # a zero row stays zero and its encoder column is left alone
+    column = relu.W_enc[:, 3].clone()
+    before = relu(x)[0]
+    assert relu.fold_decoder_norms()
+    assert torch.allclose(relu(x)[0], before, atol=1e-10)
+    norms = relu.decoder_norms()
+    assert torch.allclose(norms[torch.arange(D_SAE) != 3], torch.ones(D_SAE - 1, dtype=torch.float64))
+    assert norms[3] == 0 and torch.equal(relu.W_enc[:, 3], column)
+    topk = make_sae(act_fn="topk", dtype=torch.float64, sparsity_include_decoder_norm=False)  # ranked by hidden_pre alone
+    weights = topk.W_dec.clone()
+    assert not topk.fold_decoder_norms() and torch.equal(topk.W_dec, weights)
+    assert topk.fold_decoder_norms(keep_function=False)  # training's start: rows unit all the same
+    assert torch.allclose(topk.decoder_norms(), torch.ones(D_SAE, dtype=torch.float64))
+
+
 def test_token_wise_normalization_scales_each_row():
     sae = make_sae(act_fn="relu", norm_activation="token-wise")
     x = torch.randn(8, D) * torch.arange(1, 9)[:, None]
