@@ -143,10 +143,15 @@ def lr_tag(multiplier: float) -> str:
     return f"lr-x{multiplier:g}"
 
 
+def default_first(multipliers: list[float]) -> list[float]:
+    """The lr multipliers with 1 (the tool's default) first: the others scale the lr it reports."""
+    return sorted(multipliers, key=lambda m: m != 1.0)
+
+
 def sweep_ours(args, extra: list[str], default_lr: float) -> dict[float, dict]:
-    """saeflow at default_lr x each multiplier (the default first)."""
+    """saeflow at default_lr x each multiplier."""
     runs = {}
-    for multiplier in sorted(args.lr_multipliers, key=lambda m: m != 1.0):
+    for multiplier in default_first(args.lr_multipliers):
         out = args.out / "ours" / lr_tag(multiplier)
         runs[multiplier] = run_ours_cli(args.store, out, args.tokens, [*extra, f"train.lr={default_lr * multiplier:g}"])
         runs[multiplier]["lr"] = default_lr * multiplier
@@ -157,7 +162,7 @@ def sweep_peer(args, tool: str, acts: Path, peer: dict) -> dict[float, dict]:
     """A peer at its own default lr (read back from its run.json) x each multiplier."""
     runs: dict[float, dict] = {}
     default_lr = None
-    for multiplier in sorted(args.lr_multipliers, key=lambda m: m != 1.0):
+    for multiplier in default_first(args.lr_multipliers):
         out = args.out / tool / lr_tag(multiplier)
         extra = [] if multiplier == 1.0 else ["--lr", f"{default_lr * multiplier:g}"]
         previous = out / "run.json"
