@@ -169,7 +169,7 @@ class ActivationLoader:
         producer = Producer(
             self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
             start=start, num_workers=self.num_workers, buffer_rows=self.buffer_rows,
-            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks],
+            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks], keep_maps=self.plan is not None,
         )
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
