@@ -19,13 +19,14 @@ Rows are gathered with np.take (one thread per call, GIL released), by `gather_r
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from store.dtypes import STORE_DTYPES, as_stored_numpy, empty_host, from_stored_numpy
+from store.dtypes import STORE_DTYPES, as_stored_numpy, from_stored_numpy
 
 _POLL_S = 0.1  # how often a blocked producer checks whether the consumer went away
 _GRAIN = 32_768  # at::internal::GRAIN_SIZE: elementwise ops below it run on the calling thread
@@ -72,17 +73,52 @@ class _HostBatch:
     targets: list[np.ndarray | torch.Tensor]  # gather_rows' targets: numpy views in the stored dtype, or tensors
 
 
+class _BatchMemory:
+    """Batch memory handed out again once nothing but this pool references it.
+
+    A fresh multi-MB array is fresh pages: the kernel zeroes each on first write, 10-15% of the
+    loader's CPU. A batch tensor made by torch.from_numpy holds a reference to its array until
+    the tensor and every view of it are gone, so an array whose only reference is the pool's is
+    free: no tensor the consumer still holds can see it change. The `size` newest sets are kept."""
+
+    def __init__(self, shapes: list[tuple[int, int]], dtypes: list[torch.dtype], size: int):
+        self.shapes, self.dtypes, self.size = shapes, dtypes, size
+        self._sets: list[list[np.ndarray]] = []
+
+    def take(self) -> list[torch.Tensor]:
+        for arrays in self._sets:
+            # references: the set's list, getrefcount's argument (the consumer's only add to these)
+            if all(sys.getrefcount(arrays[i]) == 2 for i in range(len(arrays))):
+                return [_tensor_of(array, dtype) for array, dtype in zip(arrays, self.dtypes)]
+        arrays = [np.empty(shape, dtype=_numpy_dtype(dtype)) for shape, dtype in zip(self.shapes, self.dtypes)]
+        if len(self._sets) >= self.size:  # all held: forget the oldest (its holder keeps it alive)
+            self._sets.pop(0)
+        self._sets.append(arrays)
+        return [_tensor_of(array, dtype) for array, dtype in zip(arrays, self.dtypes)]
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """What numpy allocates a tensor of `dtype` as (bfloat16: int16 bits), as empty_host does."""
+    return np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _tensor_of(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
 class HostBatches:
     """CPU batches, gathered in the training dtype by builder threads."""
 
-    def __init__(self, batch_size: int, widths: list[int], stored: list[torch.dtype], out: list[torch.dtype]):
+    def __init__(self, batch_size: int, widths: list[int], stored: list[torch.dtype], out: list[torch.dtype], pool_size: int = 8):
         self.shapes = [(batch_size, d) for d in widths]
         self.stored, self.out_dtypes = stored, out
+        self._memory = _BatchMemory(self.shapes, out, pool_size)
 
     def begin(self, stop: threading.Event) -> _HostBatch:
         # A numpy view of each batch tensor whose dtype is the stored one; the tensor itself
         # where the gather converts.
-        tensors = [empty_host(shape, dtype) for shape, dtype in zip(self.shapes, self.out_dtypes)]
+        tensors = self._memory.take()
         return _HostBatch([as_stored_numpy(t) if t.dtype == stored else t for t, stored in zip(tensors, self.stored)])
 
     def finish(self, handle: _HostBatch, rows: int) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from store.chunk_maps import MAX_KEPT_MAPS, ChunkMaps, kept_maps_limit
 from store.loader import ActivationLoader
 from store.reader import StoreReader
-from store.staging import gather_rows
+from store.staging import _BatchMemory, gather_rows
 from tests.store_fixtures import make_store, random_rows
 
 HOOK = "blocks.0.hook_resid_post"
@@ -93,3 +93,33 @@ def test_a_finite_stream_reads_no_group_past_its_last_row(fp16_store: Path):
     first_group = loader.plan.group_pieces(0, 0)
     assert sum(b.shape[0] for b in _batches(loader)) == 1
     assert reader.reads == len(set(first_group.chunk.tolist()))  # group 1 was never loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, None])  # converted in the gather; the stored dtype
+def test_batch_memory_is_reused_only_when_the_consumer_let_go(fp16_store: Path, dtype):
+    loader = ActivationLoader(fp16_store, HOOK, batch_size=40, seed=2, shuffle_buffer_chunks=2, heldout_chunks=0,
+                              prefetch_batches=1, dtype=dtype, max_rows=6 * 20 * CHUNK)
+    held, copies = [], []
+    for number, batch in enumerate(loader):
+        rows = batch[HOOK]
+        if number % 5 == 0:  # kept by the consumer, whole or as a view
+            held.append(rows if number % 10 else rows[3:9, 2:])
+            copies.append(held[-1].clone())
+    assert len(held) == 39 and all(torch.equal(a, b) for a, b in zip(held, copies))  # none was written again
+
+
+def test_batch_memory_goes_round_once_released():
+    memory = _BatchMemory([(4, 3), (4, 2)], [torch.float32, torch.bfloat16], size=2)
+    first = memory.take()
+    pooled = memory._sets[0]
+    view = first[1][:2]  # a view of one tensor holds the whole set
+    del first
+    second = memory.take()
+    assert not any(np.shares_memory(t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy(), a)
+                   for t, a in zip(second, pooled))
+    del second, view
+    third = memory.take()
+    assert third[0].dtype == torch.float32 and third[1].dtype == torch.bfloat16 and third[1].shape == (4, 2)
+    assert np.shares_memory(third[0].numpy(), pooled[0]) and np.shares_memory(third[1].view(torch.int16).numpy(), pooled[1])
+    fourth, fifth = memory.take(), memory.take()  # all held: a new set, and the oldest is forgotten (third keeps it alive)
+    assert len(memory._sets) == 2 and all(s is not pooled for s in memory._sets) and fourth[0].shape == fifth[0].shape
