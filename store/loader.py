@@ -8,14 +8,15 @@ a pure function of (seed, epoch, rank, group), so a saved cursor restores the ex
 stream. The split itself (which chunks are held out) is store/split.py's.
 
 Threads (store/producer.py): `num_workers` reader threads copy a group's slices (one np.take per
-chunk out of its memmap, or out of the decoded chunk) into one of two preallocated group buffers while
-`num_workers` builder threads gather batches out of the other (np.take) and finish them
-(store/staging.py): on the CPU converted once to the training dtype; for CUDA kept in the stored
-dtype in pooled pinned buffers, copied non_blocking and converted on the device by the consumer.
-At most `prefetch_batches` finished batches wait ahead of the consumer. Host memory is bounded by
+chunk out of its memmap, kept mapped for the reader's life, store/chunk_maps.py, or out of the
+decoded chunk) into one of two preallocated group buffers while `num_workers` builder threads
+gather batches out of the other (store/staging.py): on the CPU straight into the training dtype
+(converted block by block in the gather); for CUDA kept in the stored dtype in pooled pinned
+buffers, copied non_blocking and converted on the device by the consumer. At most
+`prefetch_batches` finished batches wait ahead of the consumer. Private host memory is bounded by
 2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) + about prefetch_batches +
 2 * num_workers batches + a chunk being decoded per reader thread (compressed or remote stores
-only), whatever the store's size.
+only), whatever the store's size; the kept chunk maps are page cache (RSS shows them as RssFile).
 
 Training batches roll over epoch boundaries (the tail of epoch e and the head of e+1 share a
 batch), so every batch is full and every rank yields the same number of batches; only the final
@@ -169,7 +170,7 @@ class ActivationLoader:
         producer = Producer(
             self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
             start=start, num_workers=self.num_workers, buffer_rows=self.buffer_rows,
-            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks],
+            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks], keep_maps=self.plan is not None,
         )
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
@@ -194,7 +195,9 @@ class ActivationLoader:
     def _new_sink(self) -> HostBatches | DeviceBatches:
         widths = [self.reader.d(h) for h in self.hooks]
         if self.device.type == "cpu":
-            return HostBatches(self.batch_size, widths, self.stored_dtypes, self.out_dtypes)
+            # Batch memory reused: the queued batches, those being gathered, two the consumer holds.
+            pool = self.prefetch_batches + 2 * self.num_workers + 2
+            return HostBatches(self.batch_size, widths, self.stored_dtypes, self.out_dtypes, pool)
         # One buffer being gathered, `prefetch_batches` queued, one being copied to the device.
         return DeviceBatches(
             self.prefetch_batches + 2, self.batch_size, widths, self.stored_dtypes, self.out_dtypes, self.device, self.pinned

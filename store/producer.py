@@ -3,11 +3,13 @@
 A planner thread walks the stream of groups. Reader threads copy a group's pieces (row ranges of
 chunks, store/shuffle.py) into one of two group buffers while the other is gathered from: one
 task per chunk, a single pread for a piece that is one range of a raw chunk file, one np.take
-out of the mapped (or decoded) chunk for several. Each batch's rows are gathered (np.take: one
-thread per call, GIL released) by builder threads as soon as they are planned, then finished
-(converted) by a builder; the planner queues each batch's future in order, so batches arrive in
-plan order however many builders run. A buffer is reloaded only after every gather reading it
-has finished; a batch may span any number of groups.
+out of the mapped (or decoded) chunk for several. A shuffled stream keeps each raw chunk mapped
+for the reader's life (store/chunk_maps.py: every group returns to every chunk). Each batch's
+rows are gathered (store/staging.py's gather_rows, converting for CPU training) by builder
+threads as soon as they are planned, then finished by a builder; the planner queues each
+batch's future in order, so batches arrive in plan order however many builders run. A buffer is
+reloaded only after every gather reading it has finished; a batch may span any number of
+groups. A finite stream (max_rows) loads no group past the one that completes it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from store.rawread import read_mapped_into
 from store.reader import StoreReader
 from store.shuffle import Cursor, Pieces
+from store.staging import gather_rows
 
 END = object()
 _POLL_S = 0.1  # how often a blocked planner checks whether the consumer went away
@@ -42,7 +45,7 @@ class Group:
 
 
 class Sink(Protocol):
-    def begin(self, stop: threading.Event) -> Any | None: ...  # a handle with .arrays, None if stopped
+    def begin(self, stop: threading.Event) -> Any | None: ...  # a handle with .targets, None if stopped
     def finish(self, handle: Any, rows: int) -> Any: ...  # runs in a builder thread
 
 
@@ -81,9 +84,11 @@ class Producer:
         num_workers: int,
         buffer_rows: int,
         buffer_dtypes: list[np.dtype],
+        keep_maps: bool = False,
     ):
         self.reader, self.hooks, self.groups, self.sink = reader, hooks, groups, sink
         self.batch_size, self.max_rows, self.num_workers = batch_size, max_rows, num_workers
+        self.keep_maps = keep_maps  # store/chunk_maps.py
         self.position = replace(start)
         self.rows_emitted = start.rows
         self.slots = [
@@ -127,7 +132,7 @@ class Producer:
             while current is not None and target and not stop.is_set():
                 for future in loading:
                     future.result()
-                following = next(self.groups, None)
+                following = next(self.groups, None) if self._needs_more(current, pending) else None
                 loading = []
                 offset = current.start
                 while offset < current.n_rows and target:
@@ -137,7 +142,7 @@ class Producer:
                             return  # the consumer went away
                         pending = _PendingBatch(handle)
                     take = min(target - pending.filled, current.n_rows - offset)
-                    part = builders.submit(self._gather, current, self.slots[slot].arrays, offset, take, pending.handle.arrays, pending.filled)
+                    part = builders.submit(self._gather, current, self.slots[slot].arrays, offset, take, pending.handle.targets, pending.filled)
                     self.slots[slot].readers.append(part)
                     pending.parts.append(part)
                     pending.filled += take
@@ -159,6 +164,13 @@ class Producer:
             for future in loading:
                 future.cancel()
 
+    def _needs_more(self, current: Group, pending: _PendingBatch | None) -> bool:
+        """Whether rows beyond `current` will be yielded (always, without max_rows)."""
+        if self.max_rows is None:
+            return True
+        planned = self.rows_emitted + (pending.filled if pending is not None else 0)
+        return planned + current.n_rows - current.start < self.max_rows
+
     def _finish(self, pending: _PendingBatch, builders: ThreadPoolExecutor) -> tuple[Future, Cursor]:
         # Parts were submitted before this task, so a FIFO pool has started them all already.
         future = builders.submit(self._complete, pending.parts, pending.handle, pending.filled)
@@ -172,12 +184,10 @@ class Producer:
         return self.sink.finish(handle, rows)
 
     @staticmethod
-    def _gather(group: Group, buffers: list[np.ndarray], offset: int, take: int, targets: list[np.ndarray], at: int) -> None:
+    def _gather(group: Group, buffers: list[np.ndarray], offset: int, take: int, targets: list, at: int) -> None:
+        rows = slice(offset, offset + take) if group.order is None else group.order[offset : offset + take]
         for buffer, out in zip(buffers, targets):
-            if group.order is None:
-                np.copyto(out[at : at + take], buffer[offset : offset + take])
-            else:  # mode="clip" skips numpy's buffered bounds check (indices are in range)
-                np.take(buffer, group.order[offset : offset + take], axis=0, out=out[at : at + take], mode="clip")
+            gather_rows(buffer, rows, out[at : at + take])
 
     # --- loading ------------------------------------------------------------------------
     def _load(self, group: Group, slot: _Slot, loaders: ThreadPoolExecutor) -> list[Future]:
@@ -192,7 +202,8 @@ class Producer:
         """Copy rows of a chunk (indices inside it) into the group buffer, verified before any batch
         uses them: a whole chunk is checked as copied; a part of one, by checking the whole chunk
         as read (once per reader: the first read of each chunk reads all of it)."""
-        stored = self.reader.read_chunk(hook, chunk, verify=False)  # a memmap of a raw chunk, or decoded by zarr
+        # a memmap of a raw chunk (kept for later groups when shuffled), or decoded by zarr
+        stored = self.reader.read_chunk(hook, chunk, verify=False, keep_map=self.keep_maps)
         first, last = int(rows[0]), int(rows[-1])
         contiguous = last - first + 1 == len(rows)
         whole = contiguous and first == 0 and len(rows) == len(stored)

@@ -23,6 +23,7 @@ import torch
 import zarr
 
 from store.chunk_cache import ChunkCache
+from store.chunk_maps import ChunkMaps
 from store.dtypes import from_stored_numpy, numpy_dtype
 from store.format import TOKEN_ARRAYS, ChunkError, StoreError, acts_path, checksum_path, chunk_checksum, open_store_group, read_manifest
 from store.location import StoreLocation, locate
@@ -68,6 +69,11 @@ class StoreReader:
         self._checksums: dict[str, np.ndarray] = {}
         remote = self.path.remote
         self._cache = ChunkCache(cache_dir, self.manifest["checksum_algorithm"]) if cache_dir and remote else None
+        self._maps = ChunkMaps()  # read_chunk(keep_map=True): store/chunk_maps.py
+
+    def close(self) -> None:
+        """Release the chunk maps kept by read_chunk(keep_map=True); the reader stays usable."""
+        self._maps.close()
 
     # --- shape of the store -------------------------------------------------------------
     @property
@@ -152,12 +158,17 @@ class StoreReader:
         return from_stored_numpy(rows, self.store_dtype(hook)).to(dtype)
 
     # --- chunk reads --------------------------------------------------------------------
-    def read_chunk(self, name: str, index: int, *, verify: bool | None = None) -> np.ndarray:
+    def read_chunk(self, name: str, index: int, *, verify: bool | None = None, keep_map: bool = False) -> np.ndarray:
         """Chunk `index` of `acts/<hook>` (by hook name) or of tokens/doc/pos, as stored;
-        verified on first read unless verify (default: the reader's setting) is False."""
-        start, stop = self.chunk_bounds(index)
+        verified on first read unless verify (default: the reader's setting) is False.
+        keep_map: keep a memory-mapped chunk mapped for later reads (store/chunk_maps.py), for
+        readers that return to every chunk many times (the shuffled loader)."""
         array_path = _array_path(name)
-        rows = self._read_chunk(array_path, index, start, stop)
+        rows = self._maps.get(array_path, index) if keep_map else None
+        if rows is None:
+            rows = self._read_chunk(array_path, index, *self.chunk_bounds(index))
+            if keep_map and isinstance(rows, np.memmap):
+                self._maps.keep(array_path, index, rows)
         if self.verify if verify is None else verify:
             self.verify_chunk(name, index, rows)
         return rows

@@ -1,11 +1,13 @@
 """Where builder threads gather each batch, and how a finished batch reaches the consumer.
 
-Rows are gathered in the stored dtype with np.take (one thread per call, GIL released).
+Rows are gathered with np.take (one thread per call, GIL released), by `gather_rows`.
 
-- CPU (`HostBatches`): a builder also converts to the training dtype, so the consumer (the
-  training loop) only receives finished tensors. The conversion runs in pieces below torch's
-  parallel grain size: each piece runs on the calling thread and never starts an OpenMP team,
-  which stalls badly when cores are busy and would compete with the trainer's intra-op threads.
+- CPU (`HostBatches`): builders gather straight into the training dtype, so the consumer (the
+  training loop) only receives finished tensors. A converting gather works in blocks below
+  torch's parallel grain size: np.take of a block into a small stored-dtype scratch that stays
+  in cache, then a conversion into the batch on the calling thread (never an OpenMP team, which
+  stalls badly when cores are busy and would compete with the trainer's intra-op threads). One
+  pass over the batch's memory instead of a gather and then a conversion of the whole batch.
   Batch memory comes from numpy, whose allocator reuses freed pages (torch.empty of a multi-MB
   tensor returns fresh pages that fault on first write).
 - CUDA (`DeviceBatches`): batches are gathered into a small pool of (pinned) staging buffers; the
@@ -17,13 +19,14 @@ Rows are gathered in the stored dtype with np.take (one thread per call, GIL rel
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from store.dtypes import as_stored_numpy, empty_host
+from store.dtypes import STORE_DTYPES, as_stored_numpy, from_stored_numpy
 
 _POLL_S = 0.1  # how often a blocked producer checks whether the consumer went away
 _GRAIN = 32_768  # at::internal::GRAIN_SIZE: elementwise ops below it run on the calling thread
@@ -36,33 +39,93 @@ def convert_on_this_thread(source: torch.Tensor, target: torch.Tensor) -> None:
         piece.copy_(part)
 
 
+_STORE_DTYPE_OF = {np.dtype(raw): name for name, raw in STORE_DTYPES.items()}  # bfloat16 bits are uint16
+_scratch = threading.local()  # each builder thread's conversion scratch, by (dtype, shape)
+
+
+def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray | torch.Tensor) -> None:
+    """target[:] = source[rows]. source holds stored rows (bfloat16 as uint16 bits); target is a
+    numpy array of that dtype (a plain gather) or a tensor of another dtype (converted here)."""
+    if isinstance(target, np.ndarray):
+        if isinstance(rows, slice):
+            np.copyto(target, source[rows])
+        else:  # mode="clip" skips numpy's buffered bounds check (indices are in range)
+            np.take(source, rows, axis=0, out=target, mode="clip")
+        return
+    store_dtype = _STORE_DTYPE_OF[source.dtype]
+    if isinstance(rows, slice):  # consecutive rows convert in place
+        convert_on_this_thread(from_stored_numpy(source[rows], store_dtype), target)
+        return
+    block = max(1, (_GRAIN - 1) // max(1, source.shape[1]))
+    key = (source.dtype, block, source.shape[1])
+    if getattr(_scratch, "key", None) != key:
+        _scratch.key, _scratch.array = key, np.empty((block, source.shape[1]), dtype=source.dtype)
+        _scratch.tensor = from_stored_numpy(_scratch.array, store_dtype)
+    scratch, tensor = _scratch.array, _scratch.tensor
+    for index, piece in enumerate(target.split(block)):  # split: all views in one call
+        n = piece.shape[0]
+        np.take(source, rows[index * block : index * block + n], axis=0, out=scratch[:n], mode="clip")
+        piece.copy_(tensor[:n])
+
+
 @dataclass
 class _HostBatch:
-    arrays: list[np.ndarray]  # where the rows are gathered (stored dtype)
-    tensors: list[torch.Tensor]  # the same memory as tensors
+    targets: list[np.ndarray | torch.Tensor]  # gather_rows' targets: numpy views in the stored dtype, or tensors
+
+
+class _BatchMemory:
+    """Batch memory handed out again once nothing but this pool references it.
+
+    A fresh multi-MB array is fresh pages: the kernel zeroes each on first write, 10-15% of the
+    loader's CPU. A batch tensor made by torch.from_numpy holds a reference to its array until
+    the tensor and every view of it are gone, so an array whose only reference is the pool's is
+    free: no tensor the consumer still holds can see it change. The `size` newest sets are kept."""
+
+    def __init__(self, shapes: list[tuple[int, int]], dtypes: list[torch.dtype], size: int):
+        self.shapes, self.dtypes, self.size = shapes, dtypes, size
+        self._sets: list[list[np.ndarray]] = []
+
+    def take(self) -> list[torch.Tensor]:
+        for arrays in self._sets:
+            # references: the set's list, getrefcount's argument (the consumer's only add to these)
+            if all(sys.getrefcount(arrays[i]) == 2 for i in range(len(arrays))):
+                return [_tensor_of(array, dtype) for array, dtype in zip(arrays, self.dtypes)]
+        arrays = [np.empty(shape, dtype=_numpy_dtype(dtype)) for shape, dtype in zip(self.shapes, self.dtypes)]
+        if len(self._sets) >= self.size:  # all held: forget the oldest (its holder keeps it alive)
+            self._sets.pop(0)
+        self._sets.append(arrays)
+        return [_tensor_of(array, dtype) for array, dtype in zip(arrays, self.dtypes)]
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """What numpy allocates a tensor of `dtype` as (bfloat16: int16 bits), as empty_host does."""
+    return np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _tensor_of(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
 class HostBatches:
-    """CPU batches, finished (converted) by a builder thread."""
+    """CPU batches, gathered in the training dtype by builder threads."""
 
-    def __init__(self, batch_size: int, widths: list[int], stored: list[torch.dtype], out: list[torch.dtype]):
+    def __init__(self, batch_size: int, widths: list[int], stored: list[torch.dtype], out: list[torch.dtype], pool_size: int = 8):
         self.shapes = [(batch_size, d) for d in widths]
         self.stored, self.out_dtypes = stored, out
+        self._memory = _BatchMemory(self.shapes, out, pool_size)
 
     def begin(self, stop: threading.Event) -> _HostBatch:
-        # Rows whose dtype already matches are gathered straight into the batch tensor; others
-        # into a stored-dtype buffer converted in finish.
-        tensors = [empty_host(shape, dtype) for shape, dtype in zip(self.shapes, self.stored)]
-        return _HostBatch([as_stored_numpy(t) for t in tensors], tensors)
+        # A numpy view of each batch tensor whose dtype is the stored one; the tensor itself
+        # where the gather converts.
+        tensors = self._memory.take()
+        return _HostBatch([as_stored_numpy(t) if t.dtype == stored else t for t, stored in zip(tensors, self.stored)])
 
     def finish(self, handle: _HostBatch, rows: int) -> list[torch.Tensor]:
         out = []
-        for gathered, dtype in zip(handle.tensors, self.out_dtypes):
-            if gathered.dtype != dtype:
-                converted = empty_host((rows, gathered.shape[1]), dtype)
-                convert_on_this_thread(gathered[:rows], converted)
-                gathered = converted
-            out.append(gathered[:rows])
+        for target in handle.targets:
+            tensor = from_stored_numpy(target, _STORE_DTYPE_OF[target.dtype]) if isinstance(target, np.ndarray) else target
+            out.append(tensor[:rows])
         return out
 
     def deliver(self, item: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,7 +135,7 @@ class HostBatches:
 @dataclass
 class _Staging:
     tensors: list[torch.Tensor]  # stored dtype (bfloat16 for bfloat16 stores)
-    arrays: list[np.ndarray]  # the same memory as numpy
+    targets: list[np.ndarray]  # the same memory as numpy (gather_rows' targets)
     copied: torch.cuda.Event | None = field(default=None)  # recorded after a non_blocking copy
 
 
