@@ -1,4 +1,4 @@
-"""`saeflow` command line: generate, train, evaluate, features, inspect, validate, config.
+"""`saeflow` command line: generate, train, evaluate, features, compare, inspect, validate, config.
 
 Every expected failure (bad config, bad store, missing model, a file that cannot be written) is
 a one-line message on stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -110,7 +110,7 @@ def train(cfg, overwrite, allow_incomplete):
     for directory in directories:
         heldout = json.loads((directory / "train_metrics.json").read_text())["heldout"]
         click.echo(f"trained: {directory}: held-out fvu {heldout['fvu']:.4f}, l0 {heldout['l0']:.1f}, "
-                   f"dead {heldout['dead_fraction_heldout']:.2%}, dense {heldout['dense_fraction']:.2%}")
+                   f"dead {heldout['dead_fraction_heldout']:.2%}, dense {heldout['dense_fraction_heldout']:.2%}")
     click.echo(f"next: saeflow evaluate {click.get_current_context().params['config']}  (metrics.json, LM splice)")
 
 
@@ -139,6 +139,28 @@ def features(cfg, split):
 
     for name, directory in describe_latents(cfg, split=split).items():
         click.echo(f"{name}: {directory / DASHBOARD_FILE}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for fvu_vs_l0.png, fvu_vs_l0.json and training_curves.png.")
+@click.option("--title", default=None, help="Title of the figures (default: the folder the runs are in).")
+@_clear_errors
+def compare(run_dirs, out_dir, title):
+    """Compare finished runs: held-out FVU against L0 (one labelled point per SAE) and their
+    training curves overlaid. RUN_DIRS: train.out_dir folders (every SAE in them) or variant
+    folders; each is labelled by its folder (k16 for results/minilm-docstrings/k16/sae)."""
+    from pipeline.train.compare import CompareError, compare_runs
+
+    try:
+        points = compare_runs([Path(run_dir) for run_dir in run_dirs], Path(out_dir), title=title)
+    except CompareError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    for point in points:
+        click.echo(f"{point['label']}: held-out fvu {point['fvu']:.4f}, l0 {point['l0']:.1f}")
+    click.echo(f"plots: {Path(out_dir) / 'fvu_vs_l0.png'}, {Path(out_dir) / 'training_curves.png'}")
 
 
 @main.command("config")

@@ -13,6 +13,8 @@ from pipeline.config import ConfigError, ExperimentConfig, TrainConfig, apply_ov
 
 # Whole sections a sweep entry may change; of train only the per_sae fields.
 SWEEPABLE_SECTIONS = ("sae", "initializer")
+# <train.out_dir>/sweep/ holds the sweep's comparison plots (pipeline/train/compare.py), so no variant takes the name
+SWEEP_PLOTS_FOLDER = "sweep"
 
 
 def per_sae_train_keys() -> frozenset[str]:
@@ -36,6 +38,9 @@ def sweep_variants(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
             apply_override(data, key.split("."), value)
         variants.append((name, validate_config(data)))
     names = [name for name, _ in variants]
+    if SWEEP_PLOTS_FOLDER in names:
+        raise ConfigError(f"sweep variant name {SWEEP_PLOTS_FOLDER!r} is the folder of the sweep's comparison plots; "
+                          "give that entry another 'name'")
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep variant names {names} repeat; give each entry a distinct 'name'")
     return variants

@@ -84,7 +84,8 @@ def test_train_saves_a_loadable_sae_that_reconstructs(tiny_run):
     assert 0 < metrics["fvu"] < 1, metrics  # better than predicting the mean
     assert abs(metrics["l0"] - 8) < 1e-6  # top_k = 8
     # the dead figure train prints is the held-out one it wrote
-    assert f"dead {metrics['dead_fraction_heldout']:.2%}," in (tiny_run / "train.stdout").read_text()
+    assert f"dead {metrics['dead_fraction_heldout']:.2%}, dense {metrics['dense_fraction_heldout']:.2%}" in (
+        tiny_run / "train.stdout").read_text()
     assert (run / "plots" / "feature_density.png").is_file()
     assert (run / "saelens" / "sae_weights.safetensors").is_file()
     metadata = json.loads((run / "saelens" / "cfg.json").read_text())["metadata"]  # from the store's manifest

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.browser import CHROMIUM, rendered_dom
 
 REPO = Path(__file__).resolve().parents[1]
 # The venv's bin: python, dvc, and saeflow (an editable install: it runs this checkout's code,
@@ -33,6 +36,24 @@ def replace_once(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
+RUN_FILES = ("train_metrics.json", "train_log.jsonl")  # what sweep_compare reads of each run
+
+
+def compare_runs_text(top_k: list[int]) -> tuple[str, str]:
+    """sweep_compare's run folders (in its cmd) and its deps on them, as dvc.yaml writes them."""
+    folders = " ".join(f"${{run}}/k{k}" for k in top_k)
+    deps = "".join(f"      - ${{run}}/k{k}/sae/{name}\n" for k in top_k for name in RUN_FILES)
+    return folders, deps
+
+
+def point_sweep_at(dvc_yaml: Path, top_k: list[int]) -> None:
+    """The sweep's top_k list, and the runs sweep_compare names again (dvc cannot gather a foreach)."""
+    shipped = yaml.safe_load(dvc_yaml.read_text())["vars"][0]["sweep"]["top_k"]
+    replace_once(dvc_yaml, f"top_k: {shipped}", f"top_k: {top_k}")
+    for old, new in zip(compare_runs_text(shipped), compare_runs_text(top_k)):
+        replace_once(dvc_yaml, old, new)
+
+
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
@@ -42,6 +63,16 @@ def test_dvc_vars_match_the_default_config():
     config = yaml.safe_load((REPO / dvc_vars["config"]).read_text())
     assert dvc_vars["store_identity"] == config["generate"]["store"].removesuffix(".zarr") + ".identity.json"
     assert dvc_vars["run"] == config["train"]["out_dir"]
+
+
+def test_sweep_compare_names_exactly_the_sweeps_runs():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    top_k = dvc["vars"][0]["sweep"]["top_k"]
+    stage = dvc["stages"]["sweep_compare"]
+    folders, deps = compare_runs_text(top_k)
+    assert stage["cmd"] == f"saeflow compare {folders} --out ${{run}}/sweep"
+    assert [dep for dep in stage["deps"] if dep.startswith("${run}")] == [
+        line.removeprefix("      - ") for line in deps.splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +90,7 @@ def project(tmp_path_factory) -> Path:
     replace_once(dvc_yaml, "config: configs/minilm-docstrings.yaml", "config: configs/tiny.yaml")
     replace_once(dvc_yaml, "store_identity: data/minilm-l3.identity.json", "store_identity: data/tiny.identity.json")
     replace_once(dvc_yaml, "run: results/minilm-docstrings", "run: results/tiny")
-    replace_once(dvc_yaml, "top_k: [16, 32, 64]", "top_k: [4]")  # one sweep member keeps the test fast
+    point_sweep_at(dvc_yaml, [4])  # one sweep member keeps the test fast
     # 4 steps of 256, fewer than tiny's log_every_steps=5: the sweep's train_log.jsonl (a dvc
     # output) must exist all the same
     replace_once(dvc_yaml, "total_tokens: 131072", "total_tokens: 1024")
@@ -73,7 +104,8 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_runs_everything_then_nothing(project):
     first = run("dvc", "repro", cwd=project)
-    assert stages_run(first) == {"generate", "train", "evaluate", "features", "sweep_train@4", "sweep_evaluate@4"}
+    assert stages_run(first) == {"generate", "train", "evaluate", "features", "sweep_train@4", "sweep_evaluate@4",
+                                 "sweep_compare"}
     metrics = json.loads((project / "results" / "tiny" / "metrics.json").read_text())["sae"]
     assert 0 < metrics["fvu"] < 1 and 0 < metrics["ce_loss_recovered"] <= 1.5
     assert (project / "results" / "tiny" / "sae" / "features" / "index.html").is_file()  # the dashboard
@@ -81,6 +113,8 @@ def test_repro_runs_everything_then_nothing(project):
     assert len(features["latents"]) == 256 and features["split"] == "heldout"
     sweep = json.loads((project / "results" / "tiny" / "k4" / "metrics.json").read_text())["sae"]
     assert sweep["l0"] == pytest.approx(4)
+    compared = json.loads((project / "results" / "tiny" / "sweep" / "fvu_vs_l0.json").read_text())["points"]
+    assert [(point["label"], point["l0"]) for point in compared] == [("k4", pytest.approx(4))]
 
     second = run("dvc", "repro", cwd=project)
     assert stages_run(second) == set(), second
@@ -89,7 +123,32 @@ def test_repro_runs_everything_then_nothing(project):
     shown = run("dvc", "metrics", "show", cwd=project)
     assert "results/tiny/metrics.json" in shown and "ce_loss_recovered" in shown
     run("dvc", "plots", "show", "-o", "plots-html", cwd=project)
-    assert (project / "plots-html" / "index.html").is_file()
+    check_plots_page_offline(project / "plots-html" / "index.html")
+
+
+# Appended to a copy of dvc's page: on load, the body records each image's natural width (0: not loaded).
+IMAGE_CHECK = """<script>window.addEventListener("load", function () {
+  document.body.setAttribute("data-images", Array.from(document.images).map(function (image) {
+    return image.getAttribute("src") + "=" + image.naturalWidth; }).join(" "));
+});</script></body>"""
+
+
+def check_plots_page_offline(page: Path) -> None:
+    """`dvc plots show`'s page names nothing on the internet and, in a browser with the network off,
+    shows every plot dvc.yaml declares as an image that loaded."""
+    html = page.read_text()
+    assert not re.search(r"https?://", html), re.findall(r"https?://[^\s\"']+", html)
+    if CHROMIUM is None:
+        pytest.skip("no chromium installed (.ci/run installs it): the page's images were not rendered")
+    checked = page.with_name("checked.html")  # beside it, so its relative image paths resolve
+    checked.write_text(html.replace("</body>", IMAGE_CHECK))
+    widths = dict(item.rsplit("=", 1) for item in
+                  re.search(r'data-images="([^"]*)"', rendered_dom(checked.as_uri())).group(1).split())
+    declared = [png for stage in yaml.safe_load((page.parents[1] / "dvc.yaml").read_text())["stages"].values()
+                for png in (stage.get("do", stage).get("plots") or [])]
+    assert len(widths) == len(declared)  # sweep_train's (a foreach) once: the sweep is [4]
+    assert all(int(width) > 0 for width in widths.values()), widths
+    assert any("fvu_vs_l0" in src for src in widths) and any("sweep_training_curves" in src for src in widths), widths
 
 
 def test_a_train_param_reruns_train_and_evaluate_only(project):

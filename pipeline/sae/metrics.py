@@ -89,6 +89,10 @@ class ReconstructionMetrics:
         """The share of latents that fired on none of the rows passed to update()."""
         return float((self.fire_counts() == 0).double().mean())
 
+    def dense_fraction(self) -> float:
+        """The share of latents that fired on more than DENSE_FREQUENCY of the rows passed to update()."""
+        return float((self.firing_frequency() > DENSE_FREQUENCY).double().mean())
+
     def l0_histogram(self) -> dict[int, int]:
         """{L0: rows} for the L0 values that occurred (needs l0_histogram=True)."""
         if self._l0_counts is None:
@@ -98,8 +102,9 @@ class ReconstructionMetrics:
 
     def result(self) -> dict[str, float | int]:
         """Every figure over the rows passed. Written whole only as held-out reports (metrics.json,
-        train_metrics.json), so the dead figure is named for those rows: dead_fraction_heldout, firing
-        on none of them (dead_latents counts them). The training log takes fvu..l0 and dense_fraction."""
+        train_metrics.json), so the dead and dense figures are named for those rows: dead_fraction_heldout
+        (firing on none of them; dead_latents counts them) and dense_fraction_heldout (dense_latents).
+        The training log takes fvu..l0 and, as dense_fraction_train_window, dense_fraction()."""
         rows = max(self.rows, 1)
         sq_error = float(self._sums.get("sq_error", 0.0))
         fvu = sq_error / max(float(self._sums.get("sq_centered", 0.0)), 1e-30)
@@ -111,7 +116,7 @@ class ReconstructionMetrics:
             "mse": sq_error / rows,
             "l0": int(self.fire_counts().sum()) / rows,
             "dead_fraction_heldout": self.silent_fraction(),
-            "dense_fraction": float(dense.double().mean()),
+            "dense_fraction_heldout": self.dense_fraction(),
             "dead_latents": int(dead.sum()),
             "dense_latents": int(dense.sum()),
             "rows": self.rows,

@@ -1,23 +1,20 @@
 """End-of-training report: held-out metrics, feature-density histogram, training curves.
 
-Curves are written as CSV (dvc plots data) and as PNG next to the SAE.
+Curves are written as CSV (a plain output, for any tool) and as PNG next to the SAE; the plots
+are titled by run_title (plots.py), the name that tells the variant apart.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline.files import write_file_atomically, write_text_atomically  # noqa: E402
-from pipeline.sae.metrics import heldout_metrics  # noqa: E402
+from pipeline.files import write_text_atomically
+from pipeline.sae.metrics import heldout_metrics
+from pipeline.train.plots import plot_training_curves, plt, read_log, run_title, save_figure
 
 CURVE_KEYS = ("tokens", "step", "loss", "mse_loss", "fvu", "l0", "dead_fraction_train_window", "lr")
 
@@ -29,17 +26,12 @@ def write_heldout_report(trainer, loader) -> dict:
     result = metrics.result()
     plots = trainer.out_dir / "plots"
     plots.mkdir(exist_ok=True)
-    plot_feature_density(metrics.firing_frequency(), plots / "feature_density.png", trainer.name)
+    title = run_title(trainer.out_dir)
+    plot_feature_density(metrics.firing_frequency(), plots / "feature_density.png", title)
     records = read_log(trainer.log_path)
     write_curves_csv(records, trainer.out_dir / "curves.csv")
-    plot_training_curves(records, plots / "training_curves.png", trainer.name)
+    plot_training_curves({title: records}, plots / "training_curves.png", f"{title}: training curves")
     return {"heldout": result, "steps": trainer.step, "tokens": trainer.tokens}
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_curves_csv(records: list[dict], path: Path) -> None:
@@ -51,13 +43,6 @@ def write_curves_csv(records: list[dict], path: Path) -> None:
     write_text_atomically(path, text.getvalue())
 
 
-def _save_figure(figure, path: Path) -> None:
-    try:
-        write_file_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
-    finally:
-        plt.close(figure)
-
-
 def plot_feature_density(frequency: torch.Tensor, path: Path, title: str) -> None:
     """Histogram of log10 firing frequency; dead latents (frequency 0) are counted apart."""
     alive = frequency[frequency > 0]
@@ -67,21 +52,7 @@ def plot_feature_density(frequency: torch.Tensor, path: Path, title: str) -> Non
     dead = int((frequency == 0).sum())
     axis.set_xlabel("log10 firing frequency (held-out tokens)")
     axis.set_ylabel("latents")
-    axis.set_title(f"{title}: feature density ({dead} dead of {frequency.numel()})")
+    title = f"{title}: feature density ({dead} dead of {frequency.numel()})"
+    axis.set_title(title)
     figure.tight_layout()
-    _save_figure(figure, path)
-
-
-def plot_training_curves(records: list[dict], path: Path, title: str) -> None:
-    panels = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction_train_window", "dead fraction (train window)"), ("loss", "loss")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.2))
-    tokens = [record["tokens"] for record in records]
-    for axis, (key, label) in zip(axes, panels):
-        axis.plot(tokens, [record.get(key, float("nan")) for record in records], color="#aa4422")
-        axis.set_xlabel("tokens")
-        axis.set_title(label)
-        if key in ("fvu", "loss") and records and min(r.get(key, 1) for r in records) > 0:
-            axis.set_yscale("log")
-    figure.suptitle(title)
-    figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path, title)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExperimentConfig, resolve_device
-from pipeline.sweeps import sweep_variants
+from pipeline.sweeps import SWEEP_PLOTS_FOLDER, sweep_variants
 from pipeline.distributed import SINGLE, Ranks, join_ranks, leave_ranks
 from pipeline.files import write_text_atomically
 from pipeline.heap import keep_large_blocks_in_heap
@@ -26,6 +26,7 @@ from pipeline.sae.io import export_saelens, save_sae
 from pipeline.sae.model import SparseAutoencoder
 from pipeline.train.calibrate import calibrate_after_training
 from pipeline.train.checkpoint import checkpoint_path, saved_steps
+from pipeline.train.compare import compare_runs
 from pipeline.train.report import write_heldout_report
 from pipeline.train.run_record import finish_record, finished_here, start_record
 from pipeline.train.trainer import SAETrainer
@@ -42,7 +43,8 @@ def train(cfg: ExperimentConfig, *, overwrite: bool = False, allow_incomplete: b
     """Train every SAE variant of `cfg` (resuming from checkpoints); returns their directories.
     A variant whose folder holds its finished SAE is left alone; one holding a finished SAE of
     another config is refused unless `overwrite` (run_record.py). A store generate has not
-    finished is refused unless `allow_incomplete`. Under torchrun the ranks train
+    finished is refused unless `allow_incomplete`. A train.sweep's comparison plots go to
+    <train.out_dir>/sweep/ (compare.py). Under torchrun the ranks train
     data-parallel or share out the variants (train.distribute; pipeline/distributed.py)."""
     reader = open_store(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir,
                         allow_incomplete=allow_incomplete)
@@ -66,6 +68,11 @@ def train(cfg: ExperimentConfig, *, overwrite: bool = False, allow_incomplete: b
                 _train_variants(cfg, mine, reader, root, device, SINGLE, writes=True, launch=ranks)
         else:
             _train_variants(cfg, variants, reader, root, device, ranks, writes=ranks.main, launch=ranks)
+        if cfg.train.sweep:
+            ranks.barrier()  # every rank's variants are finished
+            if ranks.main:
+                compare_runs([root / name for name, _ in everything], root / SWEEP_PLOTS_FOLDER, title=root.resolve().name)
+                _say(f"sweep comparison: {root / SWEEP_PLOTS_FOLDER}/ (fvu_vs_l0.png, training_curves.png)")
     finally:
         leave_ranks()
     return [root / name for name, _ in everything]

@@ -350,7 +350,7 @@ class _LogWindow:
             **sums,
             **{key: metrics[key] for key in ("fvu", "explained_variance", "mse", "l0")},
             "grad_norm": grad_norm,
-            "dense_fraction": metrics["dense_fraction"],
+            "dense_fraction_train_window": self.metrics.dense_fraction(),
             "silent_in_window_fraction": self.metrics.silent_fraction(),
         }
 

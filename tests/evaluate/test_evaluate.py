@@ -272,8 +272,10 @@ def test_activation_metrics_match_numpy_and_encoders_skip_lm_metrics(tmp_path):
     assert metrics["dead_latents"] == int((fired == 0).sum()) >= 1
     assert metrics["dense_latents"] == int((fired > 0.1).sum()) >= 1
     assert metrics["dead_fraction_heldout"] == pytest.approx((fired == 0).mean())
+    assert metrics["dense_fraction_heldout"] == pytest.approx((fired > 0.1).mean())
     written = json.loads((tmp_path / "out" / METRICS_FILE).read_text())["sae"]  # one dead figure, named for its rows
     assert written["dead_fraction_heldout"] == metrics["dead_fraction_heldout"] and "dead_fraction" not in written
+    assert written["dense_fraction_heldout"] == metrics["dense_fraction_heldout"] and "dense_fraction" not in written
     histogram = json.loads((tmp_path / "out" / "sae" / HISTOGRAM_FILE).read_text())["l0_histogram"]
     counts = np.bincount((z > 0).sum(1))
     assert histogram == {str(l0): int(c) for l0, c in enumerate(counts) if c}

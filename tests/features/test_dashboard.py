@@ -1,18 +1,14 @@
 """index.html is self-contained and works: rendered from the file system by a real browser
-(headless chromium; skipped where none is installed, installed by .ci/run in CI)."""
+with the network off (tests/browser.py: headless chromium; skipped where none is installed)."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-
-import pytest
 
 from pipeline.features.dashboard import render_dashboard
-
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+from tests.browser import needs_chromium
+from tests.browser import rendered_dom as rendered_url
 
 
 def top_token(report: dict, row: int) -> str:
@@ -23,12 +19,7 @@ def top_token(report: dict, row: int) -> str:
 
 def rendered_dom(page, latent: int) -> str:
     """The page's DOM after its scripts ran, opened at one latent's view."""
-    result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--virtual-time-budget=5000", "--dump-dom", f"{page.resolve().as_uri()}#latent={latent}"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return rendered_url(f"{page.resolve().as_uri()}#latent={latent}")
 
 
 def test_the_page_loads_nothing_from_elsewhere(features_run):
@@ -43,7 +34,7 @@ def test_token_text_cannot_end_the_data_element():
     assert page.count("</script>") == 2  # the data element's and the page script's own
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (.ci/run installs it)")
+@needs_chromium
 def test_chromium_shows_the_latent_count_and_example_text(features_run):
     report = features_run.train
     latent = max(range(len(report["latents"])), key=lambda j: report["latents"][j]["fires"])
@@ -61,7 +52,7 @@ def test_chromium_shows_the_latent_count_and_example_text(features_run):
     assert "promoted" in text and "suppressed" in text and "Not shown:" not in text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (.ci/run installs it)")
+@needs_chromium
 def test_chromium_sorts_by_frequency_and_searches_token_text(features_run, tmp_path):
     """Clicks the frequency column and types into the search box (a script appended to a copy of
     the page does what a reader would), then reads the table the page drew."""

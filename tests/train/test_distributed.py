@@ -111,3 +111,6 @@ def test_a_sweep_spread_over_ranks_trains_every_variant_once(work):
         assert steps == sorted(set(steps)), name  # one writer per variant
     # a variant trained on its own rank sees the batches of a one-process run: the same SAE
     assert (work / "sweep" / "k8" / "sae.safetensors").read_bytes() == (work / "one" / "sae" / "sae.safetensors").read_bytes()
+    # rank 0 compares the sweep once every rank finished its variants, rank 1's k8 included
+    points = json.loads((work / "sweep" / "sweep" / "fvu_vs_l0.json").read_text())["points"]
+    assert [point["label"] for point in points] == ["k4", "k8", "k16"]

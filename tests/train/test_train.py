@@ -249,6 +249,7 @@ def test_dead_figures_name_their_rows_and_the_heldout_one_is_a_direct_count(stor
     assert [record["dead_fraction_train_window"] for record in logged] == [
         pytest.approx(record["silent_in_window_fraction"]) for record in logged]
     assert any(record["dead_fraction_train_window"] > 0 for record in logged)
+    assert all("dense_fraction" not in record and 0 <= record["dense_fraction_train_window"] <= 1 for record in logged)
 
     heldout = json.loads((run / "train_metrics.json").read_text())["heldout"]
     assert "dead_fraction" not in heldout and "dead_fraction_train_window" not in heldout
@@ -259,3 +260,7 @@ def test_dead_figures_name_their_rows_and_the_heldout_one_is_a_direct_count(stor
         fired = sum((sae.encode(batch[sae.cfg.hook_point_in]) != 0).sum(0) for batch in rows)
     assert heldout["dead_latents"] == int((fired == 0).sum()) >= 1
     assert heldout["dead_fraction_heldout"] == pytest.approx(float((fired == 0).double().mean()))
+    assert "dense_fraction" not in heldout and "dense_fraction_train_window" not in heldout
+    dense = fired.double() / heldout["rows"] > 0.1
+    assert heldout["dense_latents"] == int(dense.sum())
+    assert heldout["dense_fraction_heldout"] == pytest.approx(float(dense.double().mean()))
