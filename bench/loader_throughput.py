@@ -44,6 +44,7 @@ from store.format import (  # noqa: E402
     resize_rows,
     write_manifest,
 )
+from host import print_host  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="loader reader threads")
     parser.add_argument("--repeats", type=int, default=2, help="cold/warm rounds; the best of each is kept")
     args = parser.parse_args()
+    print_host()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = args.store or Path(tmp) / "bench.zarr"
         if not (path / "zarr.json").exists():

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader_throughput import CHUNK_ROWS, D, HOOK, build_store, chunk_files, drop_cache, timed  # noqa: E402
 
+from host import print_host  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.location import StoreLocation  # noqa: E402
 from store.reader import StoreReader  # noqa: E402
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="loader reader threads (concurrent fetches)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each is kept")
     args = parser.parse_args()
+    print_host()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         local = tmp / "bench.zarr"

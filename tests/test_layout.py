@@ -125,3 +125,18 @@ def test_dvc_code_deps_cover_every_module_the_stage_runs(graph, stage):
     # and no dep on a package the stage never runs: editing it would rerun the stage for nothing
     unused = sorted(dep for dep in deps if not any(f == dep or f.startswith(dep + "/") for f in files))
     assert not unused, f"dvc.yaml stage {stage!r} depends on {unused}, which it never imports"
+
+
+def test_every_bench_prints_its_host_first():
+    """A figure never loses the machine it was measured on: each bench's main() prints the host
+    (bench/host.py: CPU model, cores, load average) as its first act after parsing arguments."""
+    missing = []
+    for script in sorted((REPO / "bench").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        main = next((node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"), None)
+        if main is None:
+            continue
+        calls = {node.func.id for node in ast.walk(main) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        if "print_host" not in calls:
+            missing.append(script.name)
+    assert not missing, f"bench scripts whose main() never calls print_host(): {missing}"
