@@ -13,7 +13,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,23 @@ class Ranks:
             if moved is not tensor:
                 tensor.copy_(moved)
         return tensor
+
+    def all_reduce_sum_async(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start summing `tensor` over the ranks, in place; the returned function waits for the
+        sum and returns `tensor` (so other work can run meanwhile: on the CPU gloo sums in its own
+        threads; nccl on its own stream, the wait only orders the current stream after it)."""
+        if not self.distributed:
+            return lambda: tensor
+        moved = tensor.to(self._device())
+        work = dist.all_reduce(moved, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            if moved is not tensor:
+                tensor.copy_(moved)
+            return tensor
+
+        return wait
 
     def gather_json(self, value: Any) -> list[Any]:
         """[value of rank 0, value of rank 1, ...] on every rank."""

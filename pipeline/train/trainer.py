@@ -103,6 +103,10 @@ class SAETrainer:
         with autocast:
             x_hat, out = self.forward(x, k) if k is not None else self.forward(x)
         x_hat = x_hat.float()
+        # one pass over the activations serves dead-latent tracking and logs; every rank's counts
+        # are summed while backward and the optimizer run (they are read after the step)
+        counts = out.firing_counts()
+        fired = self.ranks.all_reduce_sum_async(counts.clone()) if self.ranks.distributed else None
         # TopK's loss is normalized (Gao et al.); the L1/L0 SAEs keep the sum their coefficients fit
         mse, squared_error = reconstruction_loss(target, x_hat, normalized=sae.cfg.act.uses_top_k)
         terms = {"mse_loss": mse}
@@ -120,9 +124,8 @@ class SAETrainer:
         if cfg.decoder_norm == "unit":
             sae.set_decoder_norm_to_unit_norm()
 
-        counts = out.firing_counts()  # one pass over the activations serves dead-latent tracking and logs
         rows = x.shape[0] * self.ranks.world
-        fired = self.ranks.all_reduce_sum(counts.clone()) if self.ranks.distributed else counts  # every rank's rows
+        fired = fired() if fired is not None else counts  # every rank's rows
         self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
         self.step += 1
         self.tokens += rows
