@@ -200,8 +200,10 @@ class SAETrainer:
         """Checkpoint after this step; loader_cursors: every rank's loader state, by rank."""
         window_info, window_tensors = self._window.state()
         if self.ranks.distributed:  # rank 0 keeps every rank's window; the others resume with an empty one
-            window_tensors = {key: self.ranks.all_reduce_sum(value.clone()) for key, value in sorted(window_tensors.items())}
-            window_info = {**window_info, "rows": int(self.ranks.all_reduce_sum(torch.tensor(window_info["rows"])))}
+            keys = sorted(window_tensors)
+            *summed, rows = self.ranks.all_reduce_sums([*(window_tensors[key] for key in keys),
+                                                        torch.tensor(window_info["rows"], dtype=torch.int64)])
+            window_tensors, window_info = dict(zip(keys, summed)), {**window_info, "rows": int(rows)}
         if not self.writes:
             return None
         info = {
@@ -327,8 +329,14 @@ class _LogWindow:
         (averaged), the metrics' sums and counts are added."""
         if not ranks.distributed:
             return
-        self.sums = {key: ranks.all_reduce_sum(value.clone()) / ranks.world for key, value in self.sums.items()}
-        self.metrics.combine(ranks.all_reduce_sum)
+        keys = sorted(self.sums)
+
+        def sum_with_terms(metric_tensors: list[torch.Tensor]) -> list[torch.Tensor]:  # one collective per dtype
+            summed = ranks.all_reduce_sums([*(self.sums[key] for key in keys), *metric_tensors])
+            self.sums = {key: value / ranks.world for key, value in zip(keys, summed)}
+            return summed[len(keys):]
+
+        self.metrics.combine(sum_with_terms)
 
     def state(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """({"steps", "rows"}, tensors) of the window so far, for a checkpoint."""
