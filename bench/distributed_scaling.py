@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,13 +41,32 @@ def command(ranks: int, *args: str) -> list[str]:
     return [*launcher, "-m", "pipeline.cli", *args]
 
 
-def run(ranks: int, threads: int, args: list[str], cwd: Path) -> float:
+def run(ranks: int, threads: int, args: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, the share of the machine's cores other processes used meanwhile): a busy
+    host slows 1 rank's 2 threads (each waits for the slower) more than 2 ranks of 1 thread."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    began = time.perf_counter()
+    began, busy, ours = time.perf_counter(), busy_cpu_seconds(), children_cpu_seconds()
     result = subprocess.run(command(ranks, *args), cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{' '.join(args)} on {ranks} rank(s) failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - began
+    wall = time.perf_counter() - began
+    others = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - ours)
+    return wall, max(others, 0.0) / (wall * (os.cpu_count() or 1))
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal, without guest (counted in user)
 
 
 def train_windows(run_dir: Path) -> list[float]:
@@ -83,19 +103,24 @@ def main() -> None:
         stores = {ranks: ["--set", f"generate.store={tmp / f'store-{ranks}.zarr'}"] for ranks in sides}
         generate: dict[int, float] = {}
         for ranks in sides:
-            generate[ranks] = args.tokens / run(ranks, threads[ranks], ["generate", str(CONFIG), *settings, *stores[ranks]], REPO)
-            print(f"{ranks} rank(s) x {threads[ranks]} thread(s): generate {generate[ranks]:,.0f} tok/s end to end")
+            seconds, share = run(ranks, threads[ranks], ["generate", str(CONFIG), *settings, *stores[ranks]], REPO)
+            generate[ranks] = args.tokens / seconds
+            print(f"{ranks} rank(s) x {threads[ranks]} thread(s): generate {generate[ranks]:,.0f} tok/s end to end "
+                  f"(others used {share:.0%} of the cores)")
         train: dict[int, list[float]] = {ranks: [] for ranks in sides}
+        shares: list[float] = []
         for round_ in range(args.rounds):
             for ranks in sides if round_ % 2 == 0 else sides[::-1]:
                 out = tmp / f"run-{ranks}-{round_}"
                 load = os.getloadavg()[0]
-                run(ranks, threads[ranks], ["train", str(CONFIG), *settings, *stores[1], "--set", f"train.out_dir={out}"], REPO)
+                _, share = run(ranks, threads[ranks], ["train", str(CONFIG), *settings, *stores[1], "--set", f"train.out_dir={out}"],
+                               REPO)
+                shares.append(share)
                 windows = train_windows(out)
                 train[ranks].append(statistics.median(windows))
                 print(f"round {round_ + 1}, {ranks} rank(s) x {threads[ranks]} thread(s): train {train[ranks][-1]:,.0f} tok/s "
                       f"({train[ranks][-1] / ranks:,.0f} per rank; {len(windows)} windows {spread(windows)}; "
-                      f"load average {load:.1f} before)")
+                      f"others used {share:.0%} of the cores; load average {load:.1f} before)")
     if not two:
         print(f"one GPU: generate {generate[1]:,.0f} tok/s, train {statistics.median(train[1]):,.0f} tok/s per GPU "
               f"(rounds {spread(train[1])})")
@@ -104,6 +129,9 @@ def main() -> None:
     ratios = [b / a for a, b in zip(train[1], train[two])]
     print(f"train 2 ranks / 1 rank by round: {' '.join(f'{r:.3f}' for r in ratios)} (spread {spread(ratios, 3)}); "
           f"load average {os.getloadavg()[0]:.1f} at the end")
+    if args.device == "cpu" and max(shares) > 0.1:
+        print(f"other processes used up to {max(shares):.0%} of the cores during a run: the ratios measure the "
+              "host's load as much as the ranks' cost; rerun on a quiet host")
     print(f"generate 2 ranks / 1 rank tokens/s: {generate[two] / generate[1]:.2f} (goal >= 0.9 at equal threads)")
     print(f"train 2 ranks / 1 rank tokens/s: {statistics.median(ratios):.2f} (goal >= 0.9 at equal threads)")
 
