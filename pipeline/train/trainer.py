@@ -63,9 +63,12 @@ class SAETrainer:
             sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
         forward = sae
         if ranks.distributed:  # DDP broadcasts rank 0's parameters and buffers, then averages gradients
-            # gradients live in DDP's buckets: no copy between the all-reduce and the optimizer
+            # gradients live in DDP's buckets: no copy between the all-reduce and the optimizer. No
+            # buffer broadcast before every forward (a blocking collective a step): the norm factors
+            # are constant, and BatchTopK's running threshold is rank 0's own either way (the
+            # broadcast comes from rank 0; training's forward does not read it; rank 0 saves it)
             forward = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None,
-                                                                gradient_as_bucket_view=True)
+                                                                gradient_as_bucket_view=True, forward_sync_buffers=False)
         # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
         self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
         self._window = self._new_window()
@@ -329,7 +332,7 @@ class _LogWindow:
         (averaged), the metrics' sums and counts are added."""
         if not ranks.distributed:
             return
-        keys = sorted(self.sums)
+        keys = list(self.sums)  # the same terms in the same order on every rank; the log keeps that order
 
         def sum_with_terms(metric_tensors: list[torch.Tensor]) -> list[torch.Tensor]:  # one collective per dtype
             summed = ranks.all_reduce_sums([*(self.sums[key] for key in keys), *metric_tensors])
