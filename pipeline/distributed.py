@@ -13,7 +13,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,37 @@ class Ranks:
             if moved is not tensor:
                 tensor.copy_(moved)
         return tensor
+
+    def all_reduce_sums(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor summed over the ranks (new tensors; the same on one rank), in one
+        all-reduce per dtype: a log line's sums cost two collectives, not one per figure."""
+        if not self.distributed:
+            return list(tensors)
+        summed: list[torch.Tensor | None] = [None] * len(tensors)
+        for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):  # in list order: the same on every rank
+            picked = [i for i, tensor in enumerate(tensors) if tensor.dtype == dtype]
+            flat = torch.cat([tensors[i].reshape(-1).to(self._device()) for i in picked])
+            dist.all_reduce(flat)
+            for i, part in zip(picked, flat.split([tensors[i].numel() for i in picked])):
+                summed[i] = part.view_as(tensors[i]).to(tensors[i].device)
+        return summed
+
+    def all_reduce_sum_async(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start summing `tensor` over the ranks, in place; the returned function waits for the
+        sum and returns `tensor` (so other work can run meanwhile: on the CPU gloo sums in its own
+        threads; nccl on its own stream, the wait only orders the current stream after it)."""
+        if not self.distributed:
+            return lambda: tensor
+        moved = tensor.to(self._device())
+        work = dist.all_reduce(moved, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            if moved is not tensor:
+                tensor.copy_(moved)
+            return tensor
+
+        return wait
 
     def gather_json(self, value: Any) -> list[Any]:
         """[value of rank 0, value of rank 1, ...] on every rank."""

@@ -45,16 +45,18 @@ class ReconstructionMetrics:
                 self._l0_counts = l0 if self._l0_counts is None else self._l0_counts + l0
         self.rows += target.shape[0]
 
-    def combine(self, sum_over_processes: Callable[[Tensor], Tensor]) -> None:
-        """Replace every sum and count with its sum over processes (e.g. torch.distributed's
-        all-reduce), so result() describes all their rows."""
-        for key in sorted(self._sums):
-            self._sums[key] = sum_over_processes(self._sums[key].clone())
-        if self._fire_counts is not None:
-            self._fire_counts = sum_over_processes(self._fire_counts.clone())
-        if self._l0_counts is not None:
-            self._l0_counts = sum_over_processes(self._l0_counts.clone())
-        self.rows = int(sum_over_processes(torch.tensor(self.rows, dtype=torch.int64)))
+    def combine(self, sum_over_processes: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        """Replace every sum and count with its sum over processes (e.g. Ranks.all_reduce_sums:
+        the list of tensors summed in as few collectives as their dtypes need), so result()
+        describes all their rows."""
+        keys = sorted(self._sums)
+        counts = [name for name in ("_fire_counts", "_l0_counts") if getattr(self, name) is not None]
+        rows = torch.tensor(self.rows, dtype=torch.int64, device=self.dataset_mean.device)
+        summed = sum_over_processes([*(self._sums[key] for key in keys), *(getattr(self, name) for name in counts), rows])
+        self._sums = dict(zip(keys, summed))
+        for name, value in zip(counts, summed[len(keys):]):
+            setattr(self, name, value)
+        self.rows = int(summed[-1])
 
     def _add(self, key: str, value: Tensor) -> None:
         value = value.to(torch.float64)

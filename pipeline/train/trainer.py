@@ -63,9 +63,12 @@ class SAETrainer:
             sae.decoder_rows_are_unit = True  # train_step renormalizes after every update
         forward = sae
         if ranks.distributed:  # DDP broadcasts rank 0's parameters and buffers, then averages gradients
-            # gradients live in DDP's buckets: no copy between the all-reduce and the optimizer
+            # gradients live in DDP's buckets: no copy between the all-reduce and the optimizer. No
+            # buffer broadcast before every forward (a blocking collective a step): the norm factors
+            # are constant, and BatchTopK's running threshold is rank 0's own either way (the
+            # broadcast comes from rank 0; training's forward does not read it; rank 0 saves it)
             forward = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None,
-                                                                gradient_as_bucket_view=True)
+                                                                gradient_as_bucket_view=True, forward_sync_buffers=False)
         # FVU's denominator uses the dataset mean of the target, in the SAE's normalized space.
         self.dataset_mean = dataset_mean_out.to(device, torch.float32) * sae.norm_factor_out.float()
         self._window = self._new_window()
@@ -103,6 +106,10 @@ class SAETrainer:
         with autocast:
             x_hat, out = self.forward(x, k) if k is not None else self.forward(x)
         x_hat = x_hat.float()
+        # one pass over the activations serves dead-latent tracking and logs; every rank's counts
+        # are summed while backward and the optimizer run (they are read after the step)
+        counts = out.firing_counts()
+        fired = self.ranks.all_reduce_sum_async(counts.clone()) if self.ranks.distributed else None
         # TopK's loss is normalized (Gao et al.); the L1/L0 SAEs keep the sum their coefficients fit
         mse, squared_error = reconstruction_loss(target, x_hat, normalized=sae.cfg.act.uses_top_k)
         terms = {"mse_loss": mse}
@@ -120,9 +127,8 @@ class SAETrainer:
         if cfg.decoder_norm == "unit":
             sae.set_decoder_norm_to_unit_norm()
 
-        counts = out.firing_counts()  # one pass over the activations serves dead-latent tracking and logs
         rows = x.shape[0] * self.ranks.world
-        fired = self.ranks.all_reduce_sum(counts.clone()) if self.ranks.distributed else counts  # every rank's rows
+        fired = fired() if fired is not None else counts  # every rank's rows
         self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
         self.step += 1
         self.tokens += rows
@@ -197,8 +203,10 @@ class SAETrainer:
         """Checkpoint after this step; loader_cursors: every rank's loader state, by rank."""
         window_info, window_tensors = self._window.state()
         if self.ranks.distributed:  # rank 0 keeps every rank's window; the others resume with an empty one
-            window_tensors = {key: self.ranks.all_reduce_sum(value.clone()) for key, value in sorted(window_tensors.items())}
-            window_info = {**window_info, "rows": int(self.ranks.all_reduce_sum(torch.tensor(window_info["rows"])))}
+            keys = sorted(window_tensors)
+            *summed, rows = self.ranks.all_reduce_sums([*(window_tensors[key] for key in keys),
+                                                        torch.tensor(window_info["rows"], dtype=torch.int64)])
+            window_tensors, window_info = dict(zip(keys, summed)), {**window_info, "rows": int(rows)}
         if not self.writes:
             return None
         info = {
@@ -324,8 +332,14 @@ class _LogWindow:
         (averaged), the metrics' sums and counts are added."""
         if not ranks.distributed:
             return
-        self.sums = {key: ranks.all_reduce_sum(value.clone()) / ranks.world for key, value in self.sums.items()}
-        self.metrics.combine(ranks.all_reduce_sum)
+        keys = list(self.sums)  # the same terms in the same order on every rank; the log keeps that order
+
+        def sum_with_terms(metric_tensors: list[torch.Tensor]) -> list[torch.Tensor]:  # one collective per dtype
+            summed = ranks.all_reduce_sums([*(self.sums[key] for key in keys), *metric_tensors])
+            self.sums = {key: value / ranks.world for key, value in zip(keys, summed)}
+            return summed[len(keys):]
+
+        self.metrics.combine(sum_with_terms)
 
     def state(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """({"steps", "rows"}, tensors) of the window so far, for a checkpoint."""
