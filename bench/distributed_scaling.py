@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from host import print_host
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "minilm-docstrings.yaml"
@@ -95,8 +95,8 @@ def main() -> None:
     settings = ["--set", f"generate.target_tokens={args.tokens}", "--set", f"train.total_tokens={args.tokens}",
                 "--set", f"model.device={args.device}", "--set", f"sae.device={args.device}",
                 "--set", "train.checkpoint_every_tokens=null", "--set", "train.sweep=[]", "--set", "train.log_every_steps=8"]
-    print(f"{args.tokens} tokens of {CONFIG.name}; device {args.device}; {args.threads} CPU threads in all; "
-          f"{machine()['cpu']}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
+    print_host()
+    print(f"{args.tokens} tokens of {CONFIG.name}; device {args.device}; {args.threads} CPU threads in all")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         threads = {ranks: max(args.threads // ranks, 1) for ranks in sides}
