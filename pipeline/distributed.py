@@ -38,15 +38,6 @@ class Ranks:
         # nccl moves CUDA tensors; gloo moves CPU tensors
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over the ranks, in place (a no-op on one rank)."""
-        if self.distributed:
-            moved = tensor.to(self._device())
-            dist.all_reduce(moved)
-            if moved is not tensor:
-                tensor.copy_(moved)
-        return tensor
-
     def all_reduce_sums(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each tensor summed over the ranks (new tensors; the same on one rank), in one
         all-reduce per dtype: a log line's sums cost two collectives, not one per figure."""
