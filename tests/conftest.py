@@ -34,3 +34,17 @@ def s3(tmp_path_factory):
             else:
                 os.environ[key] = value
         stop_s3_server(server)
+
+
+# The longest files, started first: under xdist (pyproject's addopts) a file runs on one worker,
+# and one of these started last would run on alone at the end.
+SLOW_FILES = ("tests/test_dvc.py", "tests/test_remote_store.py", "tests/generate/test_ranks.py",
+              "tests/train/test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: every other test keeps its order
