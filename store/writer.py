@@ -6,8 +6,10 @@ converts to the store dtype (refusing NaN/inf), copies the rows into the current
 when a chunk is full, hands it to the writer thread through a queue of `queue_chunks` chunks: the
 LM never waits on disk unless the disk is slower than the LM, and memory stays bounded.
 
-The writer thread commits in order. A commit writes every array's rows, the chunks' checksums,
-updates the float64 statistics (and saves them when due), then rewrites the manifest (atomic):
+Each chunk's float64 statistics are computed as it fills: by the producer on a CPU (between two
+forwards, on the LM's threads), by the writer thread on a GPU. The writer thread commits in order.
+A commit writes every array's rows, the chunks' checksums, merges the chunks' statistics (and
+saves them when due), then rewrites the manifest (atomic):
 n_chunks, n_rows and the resume cursor {"batch": <cursor of the batch holding the next row>,
 "rows_into_batch": <rows of that batch already committed>}. A crash at any point leaves the store
 at its last commit. With zarr shards, writing an inner chunk rewrites its whole shard file, so a
@@ -53,6 +55,7 @@ from store.lease import RemoteLease, writer_lock
 from store.leftovers import CREATING_PREFIX, remove_interrupted_creations, remove_interrupted_remote_creation  # noqa: F401
 from store.location import StoreLocation, locate
 from store.lock import StoreLock
+from store.moments import RunningMoments
 from store.recorded_stats import StatsRecorder
 
 _PUT_POLL_S = 0.1  # how often a producer blocked on a full queue checks for a writer failure
@@ -65,6 +68,7 @@ class _Chunk:
     rows: int
     arrays: dict[str, np.ndarray]  # array path -> buffer of chunk_rows rows (first `rows` valid)
     cursor: dict[str, Any] | None
+    moments: dict[str, RunningMoments] | None = None  # computed by the producer (CPU statistics)
 
 
 class StoreWriter:
@@ -81,6 +85,11 @@ class StoreWriter:
         self._layout = self.manifest.layout
         self._open_arrays()
         self._stats = StatsRecorder(path, self._group, self.manifest, stats_device)
+        # On a CPU the producer computes each chunk's statistics as it fills, on the LM's own
+        # threads between two forwards: on the writer thread the float64 product ran beside the
+        # forward, and a parallel forward stalls on its slowest thread (bench/generate_overhead.py).
+        # A GPU's statistics stay on the writer thread, whose copy back would stall the LM's stream.
+        self._stats_by_producer = torch.device(stats_device).type == "cpu"
         # Producer-side state.
         self.rows_accepted = self.manifest.n_rows
         self._next_index = self.manifest.n_chunks
@@ -249,7 +258,8 @@ class StoreWriter:
             self.close(complete=False)
 
     def _enqueue(self, cursor: dict[str, Any] | None) -> None:
-        chunk = _Chunk(self._next_index, self._fill, self._buffers, cursor)
+        moments = self._stats.moments_of(self._buffers, self._fill) if self._stats_by_producer else None
+        chunk = _Chunk(self._next_index, self._fill, self._buffers, cursor, moments)
         self._queue_put(chunk)
         self._next_index += 1
         self._buffers = self._new_buffers()  # the thread owns the old buffers now
@@ -332,7 +342,7 @@ class StoreWriter:
                     [chunk_checksum(part, manifest["checksum_algorithm"]) for part in parts[path]], dtype="<u8")
             reached("checksums_written")
             for chunk in chunks:
-                self._stats.add_chunk(chunk.arrays, chunk.rows)
+                self._stats.add(chunk.moments or self._stats.moments_of(chunk.arrays, chunk.rows))
             manifest.update(n_chunks=chunks[-1].index + 1, n_rows=stop, cursor=chunks[-1].cursor)
         if final or save_stats or self._stats.due(manifest.n_chunks):
             manifest["stats"] = self._stats.save(manifest)

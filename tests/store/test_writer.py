@@ -111,6 +111,24 @@ def test_stats_equal_float64_numpy_on_the_stored_rows(tmp_path):
     assert "top eigenvalue share" in summary and "complete" in summary
 
 
+def test_writer_thread_statistics_equal_the_producers_bitwise(tmp_path):
+    """A CPU writer's producer computes each chunk's moments; a GPU writer's thread does (the path
+    taken here with the producer's turned off): the same chunks give the same statistics bits."""
+    batches = make_batches(9)
+    write(tmp_path / "producer.zarr", batches, chunk_rows=32)
+    writer = StoreWriter.create(tmp_path / "thread.zarr", hook_dims=HOOKS, chunk_rows=32, capacity_rows=200)
+    assert writer._stats_by_producer  # a CPU writer's default
+    writer._stats_by_producer = False
+    for batch in batches:
+        writer.put(batch["acts"], batch["tokens"], batch["doc"], batch["pos"], cursor=batch["cursor"])
+    writer.close()
+    for hook in HOOKS:
+        ours, theirs = load_stats(tmp_path / "producer.zarr", hook), load_stats(tmp_path / "thread.zarr", hook)
+        assert ours.count == theirs.count == sum(len(b["tokens"]) for b in batches)
+        assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.M2, theirs.M2)
+        assert ours.norm_sum == theirs.norm_sum
+
+
 def test_bfloat16_is_stored_bit_exact(tmp_path):
     batches = make_batches(4)
     write(tmp_path / "s.zarr", batches, store_dtype="bfloat16")
