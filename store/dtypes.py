@@ -63,10 +63,3 @@ def empty_host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.bfloat16:
         return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
-
-
-def as_float64(rows: np.ndarray, store_dtype: str) -> np.ndarray:
-    """Stored rows as float64 values (bfloat16 bit patterns widened exactly)."""
-    if store_dtype == "bfloat16":
-        return (np.asarray(rows).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return np.asarray(rows, dtype=np.float64)

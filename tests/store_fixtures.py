@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from store.dtypes import as_float64
+from store.dtypes import from_stored_numpy
 from store.format import (
     TOKEN_ARRAYS,
     acts_path,
@@ -83,7 +83,7 @@ def _record_stats(group, rows_by_hook, chunk_rows, n_chunks, store_dtype, manife
     rows = min(n_chunks * chunk_rows, next(iter(rows_by_hook.values())).shape[0])
     checksums = {}
     for hook, values in rows_by_hook.items():
-        stored = as_float64(group[acts_path(hook)][:rows], store_dtype)
+        stored = from_stored_numpy(group[acts_path(hook)][:rows], store_dtype).double()
         moments = RunningMoments(values.shape[1])
         for start in range(0, rows, chunk_rows):
             moments.update(stored[start : start + chunk_rows])
