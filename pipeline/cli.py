@@ -6,9 +6,12 @@ a one-line message on stderr and exit code 2; anything else is a bug and keeps i
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -262,5 +265,31 @@ def _default_note(row: ConfigRow) -> str:
         return "(required)"
     return f"(default {json.dumps(row.default)})" if row.changed else ""
 
+
+
+def run() -> None:
+    """The `saeflow` entry point: main(), then a plain exit, or one past the interpreter's teardown
+    once obstore is loaded. obstore answers zarr's async reads from tokio threads that outlive the
+    command; when one of them touches Python while the interpreter tears down, the process aborts
+    (SIGABRT after "ok", a known race of pyo3-async-runtimes, which has no shutdown hook). So the
+    steps of a normal exit that matter run here (non-daemon threads joined, atexit handlers, stdio
+    flushed) and the process leaves with the command's exit code."""
+    try:
+        main()
+    except SystemExit as done:
+        if "obstore" not in sys.modules:
+            raise
+        code = done.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)  # as the interpreter does with sys.exit("message")
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
 if __name__ == "__main__":
-    main()
+    run()

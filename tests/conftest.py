@@ -7,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the CLI subprocess
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a CLI subprocess killed by a signal shows its threads' stacks
 
 import torch  # noqa: E402
 

@@ -164,3 +164,27 @@ def test_config_loads_no_language_model_code():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("with_obstore", [False, True])
+def test_the_entry_point_skips_the_interpreter_teardown_only_once_obstore_is_loaded(with_obstore, tmp_path):
+    """With obstore loaded, `run` leaves past the teardown (where obstore's tokio threads can abort
+    the process): exit code, the error line and atexit handlers stay, a non-daemon thread is
+    joined, and objects are not finalized. Without it, a normal exit."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        + ("import obstore\n" if with_obstore else "")
+        + "class Teardown:\n"
+        "    def __del__(self): print('teardown', flush=True)\n"
+        "kept = Teardown()\n"
+        "atexit.register(print, 'atexit', flush=True)\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), print('thread', flush=True))).start()\n"
+        "from pipeline.cli import run\n"
+        f"sys.argv = ['saeflow', 'validate', {str(tmp_path / 'missing.zarr')!r}]\n"
+        "run()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr[-3000:]
+    lines = result.stdout.split()
+    assert lines[:2] == ["thread", "atexit"], result.stdout
+    assert ("teardown" in lines) is not with_obstore, result.stdout
