@@ -1,4 +1,4 @@
-"""`saeflow` command line: generate, train, evaluate, features, compare, inspect, validate, config.
+"""`saeflow` command line: generate, shuffle, train, evaluate, features, compare, inspect, validate, config.
 
 Every expected failure (bad config, bad store, missing model, a file that cannot be written) is
 a one-line message on stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -90,6 +90,27 @@ def generate(cfg, overwrite, identity_file):
     if identity_file:
         write_identity(cfg.generate.location(), Path(identity_file))
     click.echo(f"store: {cfg.generate.location()}")
+
+
+@main.command()
+@click.option("--out", required=True, help="Path or object-store URL of the shuffled copy (must not exist yet).")
+@_on_config
+def shuffle(cfg, out):
+    """After generate: write a copy of CONFIG's store whose training rows lie in one seeded
+    random order (loader.seed; held-out chunks, loader.heldout_chunks, copied as they are).
+    Train from it with --set generate.store=OUT: its whole chunks read at disk speed and its
+    batches mix like a global shuffle's."""
+    from tqdm import tqdm
+
+    from store.location import StoreLocation
+    from store.shuffled_copy import shuffle_store
+
+    source = cfg.generate.location()
+    with tqdm(unit="row", unit_scale=True, desc="shuffle", dynamic_ncols=True) as progress:
+        manifest = shuffle_store(source, StoreLocation(out, cfg.generate.storage_options), heldout_chunks=cfg.loader.heldout_chunks,
+                                 seed=cfg.loader.seed, progress=progress.update)
+    click.echo(f"shuffled: {out}: {manifest['n_rows']} rows in {manifest['n_chunks']} chunks from {source}")
+    click.echo(f"next: saeflow train {click.get_current_context().params['config']} --set generate.store={out}")
 
 
 _allow_incomplete = click.option(

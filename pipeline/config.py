@@ -128,8 +128,8 @@ class LoaderConfig(StrictModel):
     """activation rows per training batch (shared by every SAE of a sweep)"""
     shuffle_buffer_chunks: int = Field(8, ge=1)
     """size of a shuffle group, in chunks' worth of rows (host memory: two groups)"""
-    slice_rows: int = Field(1, ge=1)
-    """rows read together from a chunk: each shuffle group gathers random slices of this many rows from across the training split; 1 = a global shuffle of every epoch; larger = fewer, longer reads (for stores larger than RAM) but batches of fewer documents; chunk_rows reads whole chunks"""
+    slice_rows: int | None = Field(None, ge=1)
+    """rows read together from a chunk: each shuffle group gathers random slices of this many rows from across the training split; 1 = a global shuffle of every epoch; larger = fewer, longer reads but batches of fewer documents; chunk_rows reads whole chunks; null = 1, or chunk_rows on a store written by `saeflow shuffle` (its rows are in random order already)"""
     prefetch_batches: int = Field(4, ge=1)
     """finished batches waiting ahead of the trainer"""
     num_workers: int = Field(1, ge=1)

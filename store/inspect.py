@@ -12,6 +12,7 @@ from store.format import TOKEN_ARRAYS, StoreError, acts_path, open_store_group, 
 from store.location import StoreLocation, locate
 from store.integrity import layout_problems, manifest_problems
 from store.recorded_stats import moments_from_arrays, read_stats_arrays, stats_problems
+from store.split import SHUFFLED_KEY
 from store.tokenizer import load_store_tokenizer
 
 SAMPLE_ROWS, SAMPLE_CHARS = 512, 160  # the text line: the first document's rows among these, cut to this
@@ -26,7 +27,8 @@ def describe_store(path: str | Path | StoreLocation) -> str:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"store {path} is DAMAGED: {problems[0]}{more}; run `saeflow validate {path}`"
     rows, chunks = int(manifest["n_rows"]), int(manifest["n_chunks"])
-    state = "complete" if manifest["complete"] else "INCOMPLETE (rerun generate to resume)"
+    rerun = "saeflow shuffle" if manifest.get(SHUFFLED_KEY) else "generate"
+    state = "complete" if manifest["complete"] else f"INCOMPLETE (rerun {rerun} to resume)"
     lines = [
         f"store      {path}  ({state})",
         f"format     {manifest['format']} v{manifest['version']}, saeflow {manifest.get('saeflow_version', '?')}",
@@ -36,13 +38,17 @@ def describe_store(path: str | Path | StoreLocation) -> str:
         f"written    created {manifest.get('created')}, updated {manifest.get('updated')}",
         f"size       {_human(_stored_bytes(path))} {'stored' if path.remote else 'on disk'}",
     ]
+    shuffled = manifest.get(SHUFFLED_KEY)
+    if shuffled:
+        lines.append(f"shuffled   training rows in a random order (seed {shuffled['seed']}) from {shuffled['source']}; "
+                     f"its {shuffled['heldout_chunks']} held-out chunk(s) as they were")
     lines += _provenance(manifest)
     lines.append("hooks")
     for hook, info in manifest["hook_points"].items():
         lines.append(f"  {hook}: d={info['d']} {info['dtype']}, {_human(_stored_bytes(path, acts_path(hook)))}")
         lines.append(f"    {_stats_summary(group, manifest, hook)}")
     lines.append(_token_summary(path, group, manifest))
-    if int(manifest["n_rows"]):
+    if int(manifest["n_rows"]) and not shuffled:  # a shuffled copy's first rows are no document's text
         lines.append(_text_sample(path, group, manifest))
     return "\n".join(lines)
 
@@ -86,9 +92,11 @@ def _token_summary(path: StoreLocation, group: zarr.Group, manifest: dict) -> st
     rows = int(manifest["n_rows"])
     if rows == 0:
         return "tokens     none committed yet"
+    tokens = f"{_human(sum(_stored_bytes(path, name) for name in TOKEN_ARRAYS))} of tokens/doc/pos"
+    if manifest.get(SHUFFLED_KEY):
+        return f"tokens     {rows:,} rows, each with its document and position; {tokens}"
     doc = group["doc"]
     first, last = int(doc[0]), int(doc[rows - 1])
-    tokens = f"{_human(sum(_stored_bytes(path, name) for name in TOKEN_ARRAYS))} of tokens/doc/pos"
     return f"tokens     {rows:,} rows from documents {first}..{last}; {tokens}"
 
 

@@ -41,6 +41,7 @@ from store.format import StoreError
 from store.producer import END, Group, Producer
 from store.reader import StoreReader
 from store.shuffle import Cursor, Pieces, ShufflePlan
+from store.split import SHUFFLED_KEY
 from store.staging import DeviceBatches, HostBatches
 
 Batch = dict[str, torch.Tensor]  # {hook: (rows, d) tensor}; row i of every hook is the same token
@@ -58,8 +59,10 @@ class ActivationLoader:
     pin_memory: page-locked batches and non_blocking copies when device is CUDA; ignored otherwise.
     max_rows: stop after this many rows in total (counted from the start of the run, including
         rows yielded before a restored cursor; per rank). None: training never ends.
-    slice_rows: rows read together from a chunk (store/shuffle.py): 1 (the default) gives a
-        global shuffle of every epoch; chunk_rows reads whole chunks (fewest reads, least mixing).
+    slice_rows: rows read together from a chunk (store/shuffle.py): 1 gives a global shuffle of
+        every epoch; chunk_rows reads whole chunks (fewest reads, least mixing). None (the
+        default): 1, or chunk_rows on a shuffled copy (store/shuffled_copy.py), whose rows are in
+        random order already, so whole chunks read at disk speed and mix as well.
     rank/world_size: data-parallel sharding by group (see store/shuffle.py).
     num_workers: reader threads; prefetch_batches: finished batches queued ahead of the consumer.
     verify: check each chunk against its recorded checksum the first time it is read (when
@@ -80,7 +83,7 @@ class ActivationLoader:
         shuffle: bool = True,
         seed: int = 0,
         shuffle_buffer_chunks: int = 8,
-        slice_rows: int = 1,
+        slice_rows: int | None = None,
         prefetch_batches: int = 4,
         num_workers: int = 1,
         heldout_chunks: int = 1,
@@ -113,6 +116,8 @@ class ActivationLoader:
         if shuffle_buffer_chunks < 1:
             raise StoreError(f"shuffle_buffer_chunks must be >= 1, got {shuffle_buffer_chunks}")
         buffer_rows = shuffle_buffer_chunks * self.reader.chunk_rows
+        if slice_rows is None:
+            slice_rows = self.reader.chunk_rows if self.reader.manifest.get(SHUFFLED_KEY) else 1
         self.slice_rows = min(slice_rows, self.reader.chunk_rows)
         self.rank, self.world_size = rank, world_size
         if split == "train" and shuffle:

@@ -28,7 +28,7 @@ from store.dtypes import from_stored_numpy, numpy_dtype
 from store.format import TOKEN_ARRAYS, ChunkError, StoreError, acts_path, checksum_path, chunk_checksum, open_store_group, read_manifest
 from store.location import StoreLocation, locate
 from store.integrity import layout_problems, manifest_problems
-from store.split import RowRange, check_heldout_chunks, heldout_chunk_indices, heldout_ranges, training_chunks
+from store.split import RowRange, check_heldout_chunks, heldout_chunk_indices, heldout_ranges, recorded_heldout_ranges, training_chunks
 
 # An uncompressed shard ends with an index of (offset, nbytes) uint64 pairs per inner chunk,
 # followed by a crc32c checksum of the index (zarr's default index codecs).
@@ -132,6 +132,7 @@ class StoreReader:
         if split not in ("train", "heldout"):
             raise StoreError(f"split must be 'train' or 'heldout', got {split!r}")
         check_heldout_chunks(self.n_chunks, heldout_chunks, str(self.path))
+        recorded_heldout_ranges(self.manifest, heldout_chunks, str(self.path))  # a shuffled copy has one split
         if split == "heldout" and heldout_chunks == 0:
             raise StoreError("the held-out split is empty (heldout_chunks=0); set loader.heldout_chunks >= 1")
         if split == "train":
@@ -142,10 +143,11 @@ class StoreReader:
         """The rows of a split, per chunk in store order: whole training chunks; held-out chunks
         without the rows of documents that training rows also hold (store/split.py)."""
         chunks = self.split_chunks(split, heldout_chunks)
+        recorded = recorded_heldout_ranges(self.manifest, heldout_chunks, str(self.path))  # a shuffled copy's
         if split == "train":
             return [RowRange(c, *self.chunk_bounds(c)) for c in chunks]
-        ranges = heldout_ranges(self.n_chunks, heldout_chunks, self.chunk_bounds,
-                                lambda start, stop: np.asarray(self.read_rows("doc", start, stop)))
+        ranges = recorded if recorded is not None else heldout_ranges(
+            self.n_chunks, heldout_chunks, self.chunk_bounds, lambda start, stop: np.asarray(self.read_rows("doc", start, stop)))
         if not ranges:
             raise StoreError(
                 f"the held-out chunks of store {self.path} hold no document of their own (every held-out row "

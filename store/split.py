@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from store.format import StoreError
 
 _HELDOUT_STREAM = 7  # the first word of the held-out choice's seed, apart from the loader's streams
+SHUFFLED_KEY = "shuffled"  # the manifest entry of a shuffled copy (store/shuffled_copy.py)
 
 
 def heldout_chunk_indices(n_chunks: int, heldout_chunks: int) -> list[int]:
@@ -109,3 +111,18 @@ class RowMap:
         which = np.searchsorted(self.ends, index, side="right")
         before = np.concatenate([[0], self.ends])[which]
         return self.starts[which] + index - before
+
+
+def recorded_heldout_ranges(manifest: dict[str, Any], heldout_chunks: int, where: str) -> list[RowRange] | None:
+    """A shuffled copy's held-out ranges (None for a store in document order); a StoreError when
+    asked for a split other than the one it was shuffled with (its training chunks hold the rows
+    of every other chunk)."""
+    shuffled = manifest.get(SHUFFLED_KEY)
+    if not shuffled:
+        return None
+    if heldout_chunks != shuffled["heldout_chunks"]:
+        raise StoreError(
+            f"store {where} was shuffled with loader.heldout_chunks={shuffled['heldout_chunks']}, not {heldout_chunks}: "
+            f"set loader.heldout_chunks={shuffled['heldout_chunks']}, or shuffle {shuffled['source']} again with {heldout_chunks}"
+        )
+    return [RowRange(*map(int, triple)) for triple in shuffled["heldout_ranges"]]

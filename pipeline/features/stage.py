@@ -28,7 +28,9 @@ from pipeline.files import write_text_atomically
 from pipeline.generate.lm import LanguageModel, load_language_model
 from pipeline.sae.io import load_sae
 from pipeline.sae.model import SparseAutoencoder
+from store.format import StoreError
 from store.reader import Split, StoreReader
+from store.split import SHUFFLED_KEY
 
 FEATURES_DIR = "features"
 REPORT_FILE = "features.json"
@@ -40,6 +42,10 @@ def features(cfg: ExperimentConfig, *, split: Split | None = None, lm: LanguageM
     split overrides features.split; `lm` reuses a loaded model (tests, notebooks)."""
     settings = cfg.features if split is None else cfg.features.model_copy(update={"split": split})
     reader = StoreReader(cfg.generate.location(), verify=cfg.loader.verify, cache_dir=cfg.loader.cache_dir)
+    shuffled = reader.manifest.get(SHUFFLED_KEY)
+    if shuffled:  # an example's context is its neighbouring rows, which a shuffled copy no longer keeps
+        raise StoreError(f"store {reader.path} is a shuffled copy, whose rows are out of document order; read latents on "
+                         f"its source (the same rows): --set generate.store={shuffled['source']}")
     reader.check_chunk_files()
     first_row, _ = split_rows(reader, settings.split, cfg.loader.heldout_chunks)  # a StoreError naming the fix if empty
     root = Path(cfg.train.out_dir)
