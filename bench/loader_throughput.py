@@ -4,17 +4,21 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
 (page cache dropped with posix_fadvise(DONTNEED) per chunk file, no root needed) and warm:
 - sequential: every chunk file read in store order into one reused buffer (the disk's best case);
 - loader: one shuffled epoch (a fresh loader: it maps, verifies and faults in every chunk) of
-  ActivationLoader batches in float32 (what CPU training receives: converted in the gather) and
-  in float16 (the stored dtype: what the CUDA path gathers, pins and copies to the GPU, which
-  converts);
+  ActivationLoader batches in float32 (what CPU training steps on: float16 batches widened by the
+  consumer thread, as pipeline/train/stage.py does) and in float16 (the stored dtype: what the
+  CUDA path gathers, pins and copies to the GPU, which converts);
 - warm only: the second epoch of one float32 loader (a training run's steady state: its chunks
   are mapped and verified already);
 - the float16 epoch once more with verified reads off (loader verify=False): every other loader
-  epoch checks each chunk against its recorded checksum, as training does by default.
+  epoch checks each chunk against its recorded checksum, as training does by default;
+- the same epochs on the store's shuffled copy (`saeflow shuffle`, store/shuffled_copy.py, made
+  once here): its rows are in random order already, so the loader reads it whole chunk by chunk
+  (sequential reads) and its batches mix as the global shuffle's (tests/store/test_mixing.py).
 GB/s counts stored bytes delivered; CPU s/GB (all threads) shows the cost independent of other
 load on a shared machine. Goals, on both dtypes: shuffled/sequential >= 0.8 cold (the I/O
-pattern's cost: a globally shuffled epoch reads every chunk before its first batch); >= 2 GB/s
-warm; verified/unverified >= 0.95 (checksums cost at most 5%).
+pattern's cost: a globally shuffled epoch of a store in document order reads every chunk before
+its first batch; the copy's first group needs only its own chunks); >= 2 GB/s warm;
+verified/unverified >= 0.95 (checksums cost at most 5%).
 
     .venv/bin/python bench/loader_throughput.py [--store PATH] [--rows N] [--workers K]
 """
@@ -46,6 +50,7 @@ from store.format import (  # noqa: E402
 )
 from host import print_host  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
+from store.shuffled_copy import shuffle_store  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
 D = 768
@@ -76,6 +81,17 @@ def build_store(path: Path, n_rows: int) -> None:
     os.sync()  # DONTNEED only drops clean pages
 
 
+def shuffled_copy(path: Path) -> Path:
+    """The store's shuffled copy beside it (made once; the bench's loaders hold out no chunk)."""
+    copy = path.with_name(path.stem + "-shuffled.zarr")
+    if not (copy / "zarr.json").exists() or not read_manifest(copy)["complete"]:
+        start = time.perf_counter()
+        shuffle_store(path, copy, heldout_chunks=0, seed=0)
+        os.sync()
+        print(f"shuffled copy {copy} in {time.perf_counter() - start:.1f} s")
+    return copy
+
+
 def chunk_files(path: Path) -> list[Path]:
     n_chunks = int(read_manifest(path)["n_chunks"])
     return [path / acts_path(HOOK) / "c" / str(i) / "0" for i in range(n_chunks)]
@@ -101,29 +117,33 @@ def sequential_read(files: list[Path]) -> int:
     return total
 
 
-def _loader(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify: bool = True) -> ActivationLoader:
-    return ActivationLoader(
+def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify: bool = True):
+    """Batches of `dtype`: float32 ones are the stored float16 widened here, by the consumer, as
+    CPU training does."""
+    loader = ActivationLoader(
         path, HOOK, batch_size=4096, heldout_chunks=0, shuffle_buffer_chunks=8, prefetch_batches=4,
-        num_workers=workers, dtype=dtype, max_rows=max_rows, seed=0, verify=verify,
+        num_workers=workers, dtype=None, max_rows=max_rows, seed=0, verify=verify,
     )
+    for batch in loader:
+        yield batch[HOOK].to(dtype)
 
 
 def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True) -> int:
     rows = 0
-    for batch in _loader(path, n_rows, workers, dtype, verify):
-        rows += batch[HOOK].shape[0]
+    for batch in _batches(path, n_rows, workers, dtype, verify):
+        rows += batch.shape[0]
     return rows * D * 2
 
 
 def next_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype):
     """A run() for timed(): the first epoch of one loader runs untimed, the call times the second."""
-    batches = iter(_loader(path, 2 * n_rows, workers, dtype))
+    batches = _batches(path, 2 * n_rows, workers, dtype)
     rows = 0
     while rows < n_rows:  # batches roll over the epoch boundary: stop at the first that crosses it
-        rows += next(batches)[HOOK].shape[0]
+        rows += next(batches).shape[0]
 
     def run() -> int:
-        return sum(batch[HOOK].shape[0] for batch in batches) * D * 2
+        return sum(batch.shape[0] for batch in batches) * D * 2
     return run
 
 
@@ -154,6 +174,7 @@ def main() -> None:
             build_store(path, args.rows)
             print(f"built {path} in {time.perf_counter() - start:.1f} s")
         n_rows = int(read_manifest(path)["n_rows"])
+        copy = shuffled_copy(path)
         files = chunk_files(path)
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are shared-machine figures)")
         print(f"store: {n_rows} rows x {D} fp16 = {n_rows * D * 2 / 1e9:.2f} GB in {len(files)} chunk files; torch threads {torch.get_num_threads()}")
@@ -161,7 +182,7 @@ def main() -> None:
 
         def record(key: str, label: str, run, cold: bool) -> None:
             if cold:
-                drop_cache(files)
+                drop_cache(files + chunk_files(copy))
             results.setdefault(key, []).append(timed(label, run))
 
         for _ in range(args.repeats):
@@ -169,16 +190,21 @@ def main() -> None:
             record("loader_cold", "loader shuffled float32, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=True)
             record("loader_cold16", "loader shuffled float16, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=True)
             record("unverified_cold16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=True)
+            record("copy_cold", "shuffled copy, float32, cold", lambda: loader_epoch(copy, n_rows, args.workers, torch.float32), cold=True)
+            record("copy_cold16", "shuffled copy, float16, cold", lambda: loader_epoch(copy, n_rows, args.workers, torch.float16), cold=True)
         for _ in range(args.repeats):
             record("seq_warm", "sequential read, warm", lambda: sequential_read(files), cold=False)
             record("loader_warm", "loader shuffled float32, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=False)
             record("next_warm", "  its next epoch, same loader", next_epoch(path, n_rows, args.workers, torch.float32), cold=False)
             record("loader_warm16", "loader shuffled float16, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=False)
             record("unverified_warm16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=False)
+            record("copy_warm", "shuffled copy, float32, warm", lambda: loader_epoch(copy, n_rows, args.workers, torch.float32), cold=False)
+            record("copy_next", "  its next epoch, same loader", next_epoch(copy, n_rows, args.workers, torch.float32), cold=False)
+            record("copy_warm16", "shuffled copy, float16, warm", lambda: loader_epoch(copy, n_rows, args.workers, torch.float16), cold=False)
         best = {key: max(values) for key, values in results.items()}
         if best["seq_cold"] > 0.8 * best["seq_warm"]:
             print("note: cold and warm sequential reads are alike: the page cache was probably not dropped")
-        print(f"loader warm GB/s, float32 batches (what CPU training receives): {best['loader_warm']:.2f} (goal >= 2)")
+        print(f"loader warm GB/s, float32 batches (what CPU training steps on): {best['loader_warm']:.2f} (goal >= 2)")
         print(f"loader warm GB/s, float32 batches, the next epoch of one loader: {best['next_warm']:.2f} (goal >= 2)")
         print(f"loader warm GB/s, float16 batches (what a CUDA trainer copies): {best['loader_warm16']:.2f} (goal >= 2)")
         print(f"loader shuffled/sequential warm, float32 batches: {best['loader_warm'] / best['seq_warm']:.2f}")
@@ -186,6 +212,11 @@ def main() -> None:
         print(f"loader shuffled/sequential cold, float16 batches: {best['loader_cold16'] / best['seq_cold']:.2f} (goal >= 0.8)")
         print(f"verified/unverified loader, float16 batches, cold: {best['loader_cold16'] / best['unverified_cold16']:.2f}")
         print(f"verified/unverified loader, float16 batches, warm: {best['loader_warm16'] / best['unverified_warm16']:.2f} (goal >= 0.95)")
+        print(f"shuffled copy: loader warm GB/s, float16 batches: {best['copy_warm16']:.2f} (goal >= 2)")
+        print(f"shuffled copy: loader warm GB/s, float32 batches, the next epoch of one loader: {best['copy_next']:.2f} (goal >= 2)")
+        print(f"shuffled copy: loader warm GB/s, float32 batches: {best['copy_warm']:.2f} (goal >= 2)")
+        print(f"shuffled copy: loader/sequential cold, float16 batches: {best['copy_cold16'] / best['seq_cold']:.2f} (goal >= 0.8)")
+        print(f"shuffled copy: loader/sequential cold, float32 batches: {best['copy_cold'] / best['seq_cold']:.2f} (goal >= 0.8)")
 
 
 if __name__ == "__main__":
