@@ -78,8 +78,9 @@ def test_a_shuffled_copy_read_whole_chunk_by_chunk_mixes_like_an_iid_sample(corp
     path, docs = corpus
     copy = tmp_path / "copy.zarr"
     shuffle_store(path, copy, heldout_chunks=HELDOUT, seed=0)
-    train = np.concatenate([np.arange(r.start, r.stop) for r in StoreReader(copy).split_ranges("train", HELDOUT)])
-    stored_ids = np.concatenate([StoreReader(copy).read_rows(HOOK, r, r + 1)[:, 0] for r in train]).astype(np.int64)
+    reader = StoreReader(copy)
+    train = np.concatenate([np.arange(r.start, r.stop) for r in reader.split_ranges("train", HELDOUT)])
+    stored_ids = reader.read_rows(HOOK, 0, reader.n_rows)[:, 0].astype(np.int64)[train]  # the source rows they hold
     mixing = _mixing(copy, docs, train_ids=stored_ids)
     assert mixing["slice_rows"] == CHUNK and mixing["epochs_exact"]
     assert mixing["docs_ratio"] >= 0.8, mixing
