@@ -175,7 +175,7 @@ class ActivationLoader:
         producer = Producer(
             self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
             start=start, num_workers=self.num_workers, buffer_rows=self.buffer_rows,
-            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks], keep_maps=self.plan is not None,
+            buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks], keep_maps=self._returns_to_chunks,
         )
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
@@ -196,6 +196,12 @@ class ActivationLoader:
         finally:
             stop.set()
             planner.join()
+
+    @property
+    def _returns_to_chunks(self) -> bool:
+        """Whether every group reads parts of (nearly) every chunk, so chunks stay mapped
+        (store/chunk_maps.py); whole-chunk groups read each chunk once an epoch, in one pread."""
+        return self.plan is not None and self.slice_rows < self.reader.chunk_rows
 
     def _new_sink(self) -> HostBatches | DeviceBatches:
         widths = [self.reader.d(h) for h in self.hooks]
