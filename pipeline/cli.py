@@ -93,22 +93,28 @@ def generate(cfg, overwrite, identity_file):
 
 
 @main.command()
-@click.option("--out", required=True, help="Path or object-store URL of the shuffled copy (must not exist yet).")
+@click.option("--out", required=True, help="Path or object-store URL of the shuffled copy.")
+@click.option("--overwrite", is_flag=True, help="Replace what is at --out if it is not this shuffle's copy.")
+@click.option("--identity", "identity_file", type=click.Path(dir_okay=False),
+              help="Also write the copy's identity to this JSON file (as generate --identity does, for dvc).")
 @_on_config
-def shuffle(cfg, out):
+def shuffle(cfg, out, overwrite, identity_file):
     """After generate: write a copy of CONFIG's store whose training rows lie in one seeded
     random order (loader.seed; held-out chunks, loader.heldout_chunks, copied as they are).
     Train from it with --set generate.store=OUT: its whole chunks read at disk speed and its
-    batches mix like a global shuffle's."""
+    batches mix like a global shuffle's. A finished copy is left alone; a killed one resumes."""
     from tqdm import tqdm
 
+    from pipeline.generate.provenance import write_identity
     from store.location import StoreLocation
     from store.shuffled_copy import shuffle_store
 
-    source = cfg.generate.location()
+    source, copy = cfg.generate.location(), StoreLocation(out, cfg.generate.storage_options)
     with tqdm(unit="row", unit_scale=True, desc="shuffle", dynamic_ncols=True) as progress:
-        manifest = shuffle_store(source, StoreLocation(out, cfg.generate.storage_options), heldout_chunks=cfg.loader.heldout_chunks,
-                                 seed=cfg.loader.seed, progress=progress.update)
+        manifest = shuffle_store(source, copy, heldout_chunks=cfg.loader.heldout_chunks, seed=cfg.loader.seed,
+                                 overwrite=overwrite, progress=progress.update)
+    if identity_file:
+        write_identity(copy, Path(identity_file))
     click.echo(f"shuffled: {out}: {manifest['n_rows']} rows in {manifest['n_chunks']} chunks from {source}")
     click.echo(f"next: saeflow train {click.get_current_context().params['config']} --set generate.store={out}")
 

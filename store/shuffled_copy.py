@@ -41,9 +41,11 @@ _WRITER_KEYS = {"format", "version", "hook_points", "chunk_rows", "shard_chunks"
 
 
 def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLocation, *, heldout_chunks: int, seed: int,
-                  block_chunks: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Write the shuffled copy of `source` at `out` (new, or this copy left unfinished: it resumes
-    after its last commit); returns its manifest. progress(rows) is called after each block."""
+                  overwrite: bool = False, block_chunks: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write the shuffled copy of `source` at `out` and return its manifest. A finished copy of
+    the same shuffle (source identity, seed, split) is left alone; an unfinished one resumes after
+    its last commit; anything else at `out` is refused, or replaced with overwrite=True.
+    progress(rows) is called after each block."""
     reader = StoreReader(source)  # verified reads: a damaged source chunk stops the copy
     manifest = reader.manifest
     if not manifest["complete"]:
@@ -56,7 +58,11 @@ def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLoc
     rows_of = _TrainingRows(reader, [c for c in range(reader.n_chunks) if c not in held], seed)
     shuffled = {"source": str(reader.path), "source_identity": reader.identity(), "seed": seed,
                 "heldout_chunks": heldout_chunks, "heldout_ranges": [[r.chunk, r.start, r.stop] for r in heldout]}
-    writer = _open_copy(locate(out), reader, shuffled)
+    out = locate(out)
+    existing = _existing_copy(out, reader, shuffled, overwrite)
+    if existing is not None and existing["complete"]:
+        return existing
+    writer = StoreWriter.open(out) if existing is not None else _create_copy(out, reader, shuffled)
     start = writer.manifest.n_chunks  # a copy stopped part way resumes after its last commit
     rows_of.skip_to(start)
     with writer:
@@ -76,18 +82,28 @@ def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLoc
             if progress is not None:
                 progress(len(block))
         final = writer.close(complete=True)
-    _copy_tokenizer(reader.path, locate(out))
+    _copy_tokenizer(reader.path, out)
     return final
 
 
-def _open_copy(out: StoreLocation, reader: StoreReader, shuffled: dict[str, Any]) -> StoreWriter:
-    """A writer of a new copy at `out`, or of the unfinished copy already there if it is this one."""
-    if not out.is_empty():
+def _existing_copy(out: StoreLocation, reader: StoreReader, shuffled: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of this shuffle's copy at `out` (finished or not); None when `out` is free."""
+    if out.is_empty():
+        return None
+    try:
         existing = read_manifest(out)
-        if existing.get(SHUFFLED_KEY) == shuffled and not existing["complete"]:
-            return StoreWriter.open(out)
-        raise StoreError(f"{out} already exists and is not an unfinished shuffle of {reader.path} with these settings; "
-                         "choose another --out or remove it")
+    except StoreError:
+        existing = {}
+    if existing.get(SHUFFLED_KEY) == shuffled:
+        return existing
+    if not overwrite:
+        raise StoreError(f"{out} already exists and is not this shuffle of {reader.path} (its identity, seed and "
+                         "split); pass --overwrite to replace it, or choose another --out")
+    out.remove()
+    return None
+
+
+def _create_copy(out: StoreLocation, reader: StoreReader, shuffled: dict[str, Any]) -> StoreWriter:
     manifest = reader.manifest
     return StoreWriter.create(
         out, hook_dims={hook: reader.d(hook) for hook in reader.hooks}, chunk_rows=reader.chunk_rows,

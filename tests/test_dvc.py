@@ -61,7 +61,9 @@ def stages_run(output: str) -> set[str]:
 def test_dvc_vars_match_the_default_config():
     dvc_vars = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]
     config = yaml.safe_load((REPO / dvc_vars["config"]).read_text())
-    assert dvc_vars["store_identity"] == config["generate"]["store"].removesuffix(".zarr") + ".identity.json"
+    store = config["generate"]["store"].removesuffix(".zarr")
+    assert dvc_vars["store_identity"] == store + ".identity.json"
+    assert (dvc_vars["shuffled"], dvc_vars["shuffled_identity"]) == (store + "-shuffled.zarr", store + "-shuffled.identity.json")
     assert dvc_vars["run"] == config["train"]["out_dir"]
 
 
@@ -89,6 +91,9 @@ def project(tmp_path_factory) -> Path:
     dvc_yaml = root / "dvc.yaml"
     replace_once(dvc_yaml, "config: configs/minilm-docstrings.yaml", "config: configs/tiny.yaml")
     replace_once(dvc_yaml, "store_identity: data/minilm-l3.identity.json", "store_identity: data/tiny.identity.json")
+    replace_once(dvc_yaml, "shuffled: data/minilm-l3-shuffled.zarr", "shuffled: data/tiny-shuffled.zarr")
+    replace_once(dvc_yaml, "shuffled_identity: data/minilm-l3-shuffled.identity.json",
+                 "shuffled_identity: data/tiny-shuffled.identity.json")
     replace_once(dvc_yaml, "run: results/minilm-docstrings", "run: results/tiny")
     point_sweep_at(dvc_yaml, [4])  # one sweep member keeps the test fast
     # 4 steps of 256, fewer than tiny's log_every_steps=5: the sweep's train_log.jsonl (a dvc
@@ -104,8 +109,10 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_runs_everything_then_nothing(project):
     first = run("dvc", "repro", cwd=project)
-    assert stages_run(first) == {"generate", "train", "evaluate", "features", "sweep_train@4", "sweep_evaluate@4",
+    assert stages_run(first) == {"generate", "shuffle", "train", "evaluate", "features", "sweep_train@4", "sweep_evaluate@4",
                                  "sweep_compare"}
+    for run_dir in ("sae", "k4/sae"):  # trained from the shuffled copy
+        assert json.loads((project / "results" / "tiny" / run_dir / "run.json").read_text())["store"]["path"] == "data/tiny-shuffled.zarr"
     metrics = json.loads((project / "results" / "tiny" / "metrics.json").read_text())["sae"]
     assert 0 < metrics["fvu"] < 1 and 0 < metrics["ce_loss_recovered"] <= 1.5
     assert (project / "results" / "tiny" / "sae" / "features" / "index.html").is_file()  # the dashboard
@@ -199,11 +206,11 @@ def test_train_follows_the_store_identity_not_the_store_directory(project):
 
     append_comment(project / "pipeline" / "generate" / "text.py")  # generate reruns and finds its store complete
     ran = stages_run(run("dvc", "repro", cwd=project))
-    assert "generate" in ran and not ran & {"train", "sweep_train@4"}, ran
+    assert "generate" in ran and not ran & {"train", "sweep_train@4"}, ran  # shuffle too finds its copy complete
     assert json.loads(identity_file.read_text()) == identity
 
     replace_once(project / "configs" / "tiny.yaml", "n_ctx: 256, seed: 0}", "n_ctx: 256, seed: 1}")  # another model
     ran = stages_run(run("dvc", "repro", "train", cwd=project))  # the stages after train need not run
-    assert ran == {"generate", "train"}, ran
+    assert ran == {"generate", "shuffle", "train"}, ran
     assert json.loads(identity_file.read_text())["identity"] != identity["identity"]
     assert {"evaluate", "sweep_train@4"} <= set(json.loads(run("dvc", "status", "--json", cwd=project)))

@@ -101,8 +101,14 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_overwritten(source, cop
     before = (copy / "zarr.json").read_bytes()
     error = one_error_line("shuffle", "configs/tiny.yaml", "--set", f"generate.store={source}", *settings,
                            "--set", "loader.seed=4", "--out", str(copy))
-    assert "already exists and is not an unfinished shuffle" in error and "choose another --out" in error
+    assert "already exists and is not this shuffle" in error and "pass --overwrite to replace it" in error
     assert (copy / "zarr.json").read_bytes() == before
+    assert shuffle_store(source, copy, heldout_chunks=HELDOUT, seed=3)["updated"] == read_manifest(copy)["updated"]  # done: left alone
+    assert (copy / "zarr.json").read_bytes() == before
+    other = tmp_path / "other.zarr"
+    shuffle_store(source, other, heldout_chunks=HELDOUT, seed=3)
+    shuffle_store(source, other, heldout_chunks=HELDOUT, seed=4, overwrite=True)
+    assert read_manifest(other)["shuffled"]["seed"] == 4 and validate_store(other) == []
     error = one_error_line("shuffle", "configs/tiny.yaml", "--set", f"generate.store={copy}", *settings, "--out", str(tmp_path / "x"))
     assert "is a shuffled copy already; shuffle its source" in error and not (tmp_path / "x").exists()
     error = one_error_line("features", "configs/tiny.yaml", "--set", f"generate.store={copy}", *settings)
