@@ -19,6 +19,7 @@ import yaml
 from pipeline.generate.provenance import load_store_tokenizer
 from store.chunk_cache import ChunkCache
 from store.location import StoreLocation
+from store.reader import StoreReader
 from store.validate import compare_stores
 from tests.test_cli import REPO, run_saeflow, saeflow
 
@@ -80,6 +81,20 @@ def test_training_from_s3_equals_training_from_the_local_store(local_run, remote
                 cwd=local_run)
     evaluated = [json.loads((out / "metrics.json").read_text()) for out in (tmp_path / "cold", local_run / "results" / "tiny")]
     assert evaluated[0] == evaluated[1]
+
+
+def test_a_shuffled_copy_on_s3_of_a_store_on_s3_equals_the_local_copy(s3, local_run, remote_store):
+    """`saeflow shuffle` between object-store URLs: the same bytes and tokenizer as the local copy."""
+    copies = {"local": str(local_run / "data" / "tiny-shuffled.zarr"), "remote": f"s3://{s3.new_bucket()}/shuffled.zarr"}
+    for store, copy in ((local_run / "data" / "tiny.zarr", copies["local"]), (remote_store, copies["remote"])):
+        saeflow("shuffle", "tiny.yaml", *SMALL, "--set", f"generate.store={store}", "--out", copy, cwd=local_run)
+    assert compare_stores(copies["local"], copies["remote"], ignore=("created", "updated", "shuffled")) == []
+    assert saeflow("validate", copies["remote"], cwd=local_run).stdout.strip() == f"ok: {copies['remote']}"
+    assert StoreLocation(copies["remote"]).sizes("tokenizer")  # the tokenizer came along
+    tokens = list(range(50))
+    assert load_store_tokenizer(copies["remote"]).decode(tokens) == load_store_tokenizer(copies["local"]).decode(tokens)
+    shuffled = [StoreReader(copy).manifest["shuffled"] for copy in copies.values()]
+    assert shuffled[0]["heldout_chunks"] == 1 and shuffled[0]["source_identity"] == shuffled[1]["source_identity"]  # SMALL's split
 
 
 def test_a_missing_remote_extra_is_named(local_run):
