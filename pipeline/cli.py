@@ -112,7 +112,7 @@ def shuffle(cfg, out, overwrite, identity_file):
     source, copy = cfg.generate.location(), StoreLocation(out, cfg.generate.storage_options)
     with tqdm(unit="row", unit_scale=True, desc="shuffle", dynamic_ncols=True) as progress:
         manifest = shuffle_store(source, copy, heldout_chunks=cfg.loader.heldout_chunks, seed=cfg.loader.seed,
-                                 overwrite=overwrite, progress=progress.update)
+                                 overwrite=overwrite, cache_dir=cfg.loader.cache_dir, progress=progress.update)
     if identity_file:
         write_identity(copy, Path(identity_file))
     click.echo(f"shuffled: {out}: {manifest['n_rows']} rows in {manifest['n_chunks']} chunks from {source}")

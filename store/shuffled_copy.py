@@ -15,7 +15,8 @@ split, held-out row ranges included (a held-out chunk's neighbours are no longer
 rows, so the copy's split is read from the manifest, store/reader.py).
 
 Rows are gathered a block of output chunks at a time out of the source's kept chunk maps: the
-memory is one block; a source larger than the page cache is read once per block.
+memory is one block; a source larger than the page cache is read once per block, and so is a
+remote source without a local chunk cache (loader.cache_dir).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ _WRITER_KEYS = {"format", "version", "hook_points", "chunk_rows", "shard_chunks"
 
 
 def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLocation, *, heldout_chunks: int, seed: int,
-                  overwrite: bool = False, block_chunks: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, cache_dir: str | Path | None = None, block_chunks: int = 8,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the shuffled copy of `source` at `out` and return its manifest. A finished copy of
     the same shuffle (source identity, seed, split) is left alone; an unfinished one resumes after
     its last commit; anything else at `out` is refused, or replaced with overwrite=True.
-    progress(rows) is called after each block."""
-    reader = StoreReader(source)  # verified reads: a damaged source chunk stops the copy
+    cache_dir: where a remote source's chunks are kept (store/chunk_cache.py); without one every
+    block fetches every chunk again. progress(rows) is called after each block."""
+    reader = StoreReader(source, cache_dir=cache_dir)  # verified reads: a damaged source chunk stops the copy
     manifest = reader.manifest
     if not manifest["complete"]:
         raise StoreError(f"store {reader.path} is not complete; finish it with `saeflow generate` before shuffling it")

@@ -83,11 +83,14 @@ def test_training_from_s3_equals_training_from_the_local_store(local_run, remote
     assert evaluated[0] == evaluated[1]
 
 
-def test_a_shuffled_copy_on_s3_of_a_store_on_s3_equals_the_local_copy(s3, local_run, remote_store):
-    """`saeflow shuffle` between object-store URLs: the same bytes and tokenizer as the local copy."""
+def test_a_shuffled_copy_on_s3_of_a_store_on_s3_equals_the_local_copy(s3, local_run, remote_store, tmp_path):
+    """`saeflow shuffle` between object-store URLs (the source read through a local chunk cache):
+    the same bytes and tokenizer as the local copy."""
     copies = {"local": str(local_run / "data" / "tiny-shuffled.zarr"), "remote": f"s3://{s3.new_bucket()}/shuffled.zarr"}
-    for store, copy in ((local_run / "data" / "tiny.zarr", copies["local"]), (remote_store, copies["remote"])):
-        saeflow("shuffle", "tiny.yaml", *SMALL, "--set", f"generate.store={store}", "--out", copy, cwd=local_run)
+    cached = ("--set", f"loader.cache_dir={tmp_path / 'cache'}")
+    for store, copy, extra in ((local_run / "data" / "tiny.zarr", copies["local"], ()), (remote_store, copies["remote"], cached)):
+        saeflow("shuffle", "tiny.yaml", *SMALL, *extra, "--set", f"generate.store={store}", "--out", copy, cwd=local_run)
+    assert len(list((tmp_path / "cache").rglob("*.bin"))) == 8 * 5  # each chunk of 2 hooks and tokens/doc/pos fetched once
     assert compare_stores(copies["local"], copies["remote"], ignore=("created", "updated", "shuffled")) == []
     assert saeflow("validate", copies["remote"], cwd=local_run).stdout.strip() == f"ok: {copies['remote']}"
     assert StoreLocation(copies["remote"]).sizes("tokenizer")  # the tokenizer came along
