@@ -64,8 +64,10 @@ def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLoc
     out = locate(out)
     existing = _existing_copy(out, reader, shuffled, overwrite)
     if existing is not None and existing["complete"]:
+        _copy_tokenizer(reader.path, out)  # a copy killed between its last commit and its tokenizer
         return existing
     writer = StoreWriter.open(out) if existing is not None else _create_copy(out, reader, shuffled)
+    _copy_tokenizer(reader.path, out)
     start = writer.manifest.n_chunks  # a copy stopped part way resumes after its last commit
     rows_of.skip_to(start)
     with writer:
@@ -85,7 +87,6 @@ def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLoc
             if progress is not None:
                 progress(len(block))
         final = writer.close(complete=True)
-    _copy_tokenizer(reader.path, out)
     return final
 
 
@@ -97,13 +98,19 @@ def _existing_copy(out: StoreLocation, reader: StoreReader, shuffled: dict[str, 
         existing = read_manifest(out)
     except StoreError:
         existing = {}
-    if existing.get(SHUFFLED_KEY) == shuffled:
+    if _same_shuffle(existing.get(SHUFFLED_KEY), shuffled):
         return existing
     if not overwrite:
         raise StoreError(f"{out} already exists and is not this shuffle of {reader.path} (its identity, seed and "
                          "split); pass --overwrite to replace it, or choose another --out")
     out.remove()
     return None
+
+
+def _same_shuffle(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
+    """The same source content, seed and split; where the source lives is no part of it (a moved
+    store is the same store)."""
+    return recorded is not None and all(recorded.get(key) == value for key, value in wanted.items() if key != "source")
 
 
 def _create_copy(out: StoreLocation, reader: StoreReader, shuffled: dict[str, Any]) -> StoreWriter:
@@ -159,7 +166,10 @@ def _gather(reader: StoreReader, name: str, rows: np.ndarray) -> np.ndarray:
 
 def _copy_tokenizer(source: StoreLocation, out: StoreLocation) -> None:
     """The source's tokenizer/ files (evaluate and features load the LM's tokenizer from the store),
-    tokenizer.json last: its presence means the folder is whole."""
+    tokenizer.json last: its presence means the folder is whole (and that there is nothing to do)."""
+    marker = f"{TOKENIZER_DIR}/{TOKENIZER_FILE}"
+    if (out.local / marker).is_file() if out.local is not None else out.size(marker) is not None:
+        return
     if source.local is not None:
         folder = source.local / TOKENIZER_DIR
         files = {file.name: file.read_bytes() for file in folder.iterdir()} if folder.is_dir() else {}
