@@ -176,13 +176,14 @@ def main() -> None:
         n_rows = int(read_manifest(path)["n_rows"])
         copy = shuffled_copy(path)
         files = chunk_files(path)
+        cold_files = files + chunk_files(copy)  # both dropped before every cold run
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are shared-machine figures)")
         print(f"store: {n_rows} rows x {D} fp16 = {n_rows * D * 2 / 1e9:.2f} GB in {len(files)} chunk files; torch threads {torch.get_num_threads()}")
         results: dict[str, list[float]] = {}
 
         def record(key: str, label: str, run, cold: bool) -> None:
             if cold:
-                drop_cache(files + chunk_files(copy))
+                drop_cache(cold_files)
             results.setdefault(key, []).append(timed(label, run))
 
         for _ in range(args.repeats):

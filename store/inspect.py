@@ -27,7 +27,8 @@ def describe_store(path: str | Path | StoreLocation) -> str:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"store {path} is DAMAGED: {problems[0]}{more}; run `saeflow validate {path}`"
     rows, chunks = int(manifest["n_rows"]), int(manifest["n_chunks"])
-    rerun = "saeflow shuffle" if manifest.get(SHUFFLED_KEY) else "generate"
+    shuffled = manifest.get(SHUFFLED_KEY)
+    rerun = "saeflow shuffle" if shuffled else "generate"
     state = "complete" if manifest["complete"] else f"INCOMPLETE (rerun {rerun} to resume)"
     lines = [
         f"store      {path}  ({state})",
@@ -38,7 +39,6 @@ def describe_store(path: str | Path | StoreLocation) -> str:
         f"written    created {manifest.get('created')}, updated {manifest.get('updated')}",
         f"size       {_human(_stored_bytes(path))} {'stored' if path.remote else 'on disk'}",
     ]
-    shuffled = manifest.get(SHUFFLED_KEY)
     if shuffled:
         lines.append(f"shuffled   training rows in a random order (seed {shuffled['seed']}) from {shuffled['source']}; "
                      f"its {shuffled['heldout_chunks']} held-out chunk(s) as they were")

@@ -32,7 +32,7 @@ from store.format import TOKEN_ARRAYS, StoreError, read_manifest
 from store.location import StoreLocation, locate
 from store.permutation import Permutation
 from store.reader import StoreReader
-from store.split import SHUFFLED_KEY, check_heldout_chunks, heldout_chunk_indices
+from store.split import SHUFFLED_KEY, RowMap, RowRange, check_heldout_chunks, heldout_chunk_indices
 from store.tokenizer import TOKENIZER_DIR, TOKENIZER_FILE
 from store.writer import StoreWriter
 
@@ -58,7 +58,7 @@ def shuffle_store(source: str | Path | StoreLocation, out: str | Path | StoreLoc
     check_heldout_chunks(reader.n_chunks, heldout_chunks, str(reader.path))
     held = set(heldout_chunk_indices(reader.n_chunks, heldout_chunks))
     heldout = reader.split_ranges("heldout", heldout_chunks) if held else []
-    rows_of = _TrainingRows(reader, [c for c in range(reader.n_chunks) if c not in held], seed)
+    rows_of = _TrainingRows(reader.split_ranges("train", heldout_chunks), seed)
     shuffled = {"source": str(reader.path), "source_identity": reader.identity(), "seed": seed,
                 "heldout_chunks": heldout_chunks, "heldout_ranges": [[r.chunk, r.start, r.stop] for r in heldout]}
     out = locate(out)
@@ -127,12 +127,10 @@ class _TrainingRows:
     """Store rows of the permuted training sequence, handed out in the sizes of the training
     chunks they fill (the copy's training chunks are the source's, so the sizes add up)."""
 
-    def __init__(self, reader: StoreReader, chunks: list[int], seed: int):
-        bounds = np.array([reader.chunk_bounds(c) for c in chunks], dtype=np.int64).reshape(-1, 2)
-        self.first, sizes = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
-        self.starts = np.cumsum(sizes) - sizes  # where each training chunk begins in the sequence
-        self.sizes = dict(zip(chunks, sizes.tolist()))
-        self.order = Permutation(int(sizes.sum()), [seed, _ROW_ORDER_STREAM])
+    def __init__(self, train: list[RowRange], seed: int):
+        self.store_rows = RowMap(train).store_rows  # index in the training sequence -> store row
+        self.sizes = {r.chunk: r.rows for r in train}
+        self.order = Permutation(sum(self.sizes.values()), [seed, _ROW_ORDER_STREAM])
         self.position = 0
 
     def skip_to(self, chunk: int) -> None:
@@ -143,8 +141,7 @@ class _TrainingRows:
         """The store rows that fill training chunk `chunk` of the copy."""
         picked = self.order(np.arange(self.position, self.position + self.sizes[chunk], dtype=np.int64))
         self.position += self.sizes[chunk]
-        which = np.searchsorted(self.starts, picked, side="right") - 1
-        return self.first[which] + picked - self.starts[which]
+        return self.store_rows(picked)
 
 
 def _gather(reader: StoreReader, name: str, rows: np.ndarray) -> np.ndarray:
