@@ -33,6 +33,7 @@ from pipeline.config import resolve_device
 from pipeline.sae.activation_fns import batch_topk_mask, heaviside_step, jumprelu, update_batchtopk_threshold
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.sparse_topk import (
+    LatentGroups,
     gathered_encoder_values,
     latent_counts,
     pre_activations_no_grad,
@@ -293,26 +294,26 @@ class SparseAutoencoder(nn.Module):
         """Dense (B, d_sae) latents of raw activations (normalized here, as reconstruct does)."""
         return self.activate(self.encode_pre(self.normalize_input(x_raw)), k)
 
-    def _encode_sparse(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(values, indices, hidden_pre) of the row top-k; gradients stay O(B*k*d_model)."""
+    def _encode_sparse(self, x: Tensor, k: int) -> tuple[Tensor, LatentGroups, Tensor]:
+        """(values, the indices grouped, hidden_pre) of the row top-k; gradients stay O(B*k*d_model)."""
         x = x.to(self.W_enc.dtype)
         if self.cfg.use_glu_encoder:
             hidden_pre = self.encode_pre(x)
-            indices = topk_indices(self.gate(hidden_pre), k)
-            values = hidden_pre.gather(-1, indices).relu()  # GLU: plain autograd
+            groups = LatentGroups(topk_indices(self.gate(hidden_pre), k), self.cfg.d_sae)
+            values = hidden_pre.gather(-1, groups.indices).relu()  # GLU: plain autograd
         else:
             # hidden_pre is only selected from here (and by AuxK); gradients take the sparse route
             hidden_pre = pre_activations_no_grad(x, self.W_enc, self.b_enc)
-            indices = topk_indices(self.gate(hidden_pre), k)
-            values = gathered_encoder_values(x, self.W_enc, self.b_enc, hidden_pre, indices)
-        return values, indices, hidden_pre
+            groups = LatentGroups(topk_indices(self.gate(hidden_pre), k), self.cfg.d_sae)
+            values = gathered_encoder_values(x, self.W_enc, self.b_enc, hidden_pre, groups.indices, groups)
+        return values, groups, hidden_pre
 
     # --- decoder ----------------------------------------------------------------------------
     def decode(self, feature_acts: Tensor) -> Tensor:
         return feature_acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
-    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
-        return sparse_decode(values, indices, self.W_dec) + self.b_dec
+    def decode_sparse(self, values: Tensor, indices: Tensor, groups: LatentGroups | None = None) -> Tensor:
+        return sparse_decode(values, indices, self.W_dec, groups) + self.b_dec
 
     def uses_sparse_path(self, k: int | None = None) -> bool:
         """Whether forward takes the sparse TopK path (k: the k in effect, default top_k)."""
@@ -325,9 +326,9 @@ class SparseAutoencoder(nn.Module):
         """Normalized x (B, d_model) -> (x_hat, SAEOutput). k overrides top_k (k schedules)."""
         k = k or self.cfg.top_k
         if x.dim() == 2 and self.uses_sparse_path(k):
-            values, indices, hidden_pre = self._encode_sparse(x, k)
-            x_hat = self.decode_sparse(values, indices)
-            return x_hat, SAEOutput(hidden_pre, None, values, indices)
+            values, groups, hidden_pre = self._encode_sparse(x, k)
+            x_hat = self.decode_sparse(values, groups.indices, groups)  # one sort of the indices for both
+            return x_hat, SAEOutput(hidden_pre, None, values, groups.indices)
         hidden_pre = self.encode_pre(x)
         feature_acts = _ACTIVATIONS[self.cfg.act_fn](self, hidden_pre, k)
         return self.decode(feature_acts), SAEOutput(hidden_pre, feature_acts)

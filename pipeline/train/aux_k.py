@@ -12,7 +12,9 @@ a naive dense computation in tests/train/test_aux_k.py):
   columns no row uses are dropped; e_hat is one (B, n) @ (n, d) matmul, and the backward three
   more of that size. Chosen while n <= DENSE_COLUMNS_PER_K_AUX * k_aux.
 - gathered (CPU, more dead latents than that): each row's k_aux indices, decoded by
-  embedding_bag; O(B * k_aux * d) whatever the number of dead latents, but memory-bound.
+  embedding_bag, the weight gradients grouped by latent (sparse_topk.LatentGroups, one sort for
+  the encoder's and the decoder's); O(B * k_aux * d) whatever the number of dead latents, but
+  memory-bound. The path is chosen before any mask is built: the gathered top-k needs none.
 - fixed shapes (accelerators): a top-k over hidden_pre with live latents masked out, so that
   no shape depends on values (no host sync in a step, tests/train/test_sync.py).
 """
@@ -22,13 +24,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.sae.sparse_topk import gathered_encoder_values, sparse_decode
+from pipeline.sae.sparse_topk import LatentGroups, gathered_encoder_values, sparse_decode
 from pipeline.train.losses import total_variance
 
 # Dead columns are decoded by matmul up to this many per k_aux, by embedding_bag beyond: the
 # matmul does n/k_aux times the arithmetic at several times the speed. Measured on the CPU with
-# bench/sae_step.py --aux-scan (docs/training.md).
-DENSE_COLUMNS_PER_K_AUX = 8
+# bench/sae_step.py --aux (gathered faster from n_dead/k_aux 4.8-6.4, columns at 3.2; 2026-12-03).
+DENSE_COLUMNS_PER_K_AUX = 4
 
 
 def aux_k_loss(
@@ -54,14 +56,15 @@ def aux_k_loss(
         return hidden_pre.new_zeros(())
     with torch.no_grad():
         pre = hidden_pre.detach().index_select(1, dead)
+    if dead.numel() > dense_columns_per_k_aux * k_aux:  # decided first: the gathered top-k needs no mask
+        return _gathered(residual, hidden_pre, dead, pre, W_dec, k_aux, encoder)
+    with torch.no_grad():
         keep = _kept_entries(pre, k_aux)
         used = keep.any(dim=0)  # columns no row keeps add nothing to the loss or any gradient
         if not bool(used.any()):
             return hidden_pre.new_zeros(())
         if not bool(used.all()):
             dead, pre, keep = dead[used], pre[:, used], keep[:, used]
-    if dead.numel() > dense_columns_per_k_aux * k_aux:
-        return _gathered(residual, hidden_pre, dead, pre, W_dec, k_aux, encoder)
     values = _column_values(hidden_pre, pre, keep, dead, encoder)
     e_hat = values.to(W_dec.dtype) @ W_dec.index_select(0, dead)
     return (residual - e_hat).pow(2).sum() / total_variance(residual)
@@ -116,25 +119,26 @@ class _ColumnEncoder(torch.autograd.Function):
 def _gathered(residual, hidden_pre, dead, pre, W_dec, k_aux, encoder) -> Tensor:
     """Each row's k_aux largest dead pre-activations, decoded by embedding_bag."""
     with torch.no_grad():
-        indices = dead[pre.topk(min(k_aux, dead.numel()), dim=1, sorted=False).indices]
-    return _decoded_error(residual, _values_at(hidden_pre, indices, encoder), indices, W_dec)
+        groups = LatentGroups(dead[pre.topk(min(k_aux, dead.numel()), dim=1, sorted=False).indices], W_dec.shape[0])
+    return _decoded_error(residual, _values_at(hidden_pre, groups, encoder), groups, W_dec)
 
 
 def _fixed_shape(residual, hidden_pre, dead_mask, W_dec, k_aux, encoder) -> Tensor:
     k = min(k_aux, hidden_pre.shape[-1])
     with torch.no_grad():
         indices = hidden_pre.detach().masked_fill(~dead_mask, float("-inf")).topk(k, dim=-1, sorted=False).indices
-    values = _values_at(hidden_pre, indices, encoder) * dead_mask[indices]  # live latents picked add nothing
-    return dead_mask.any() * _decoded_error(residual, values, indices, W_dec)  # 0 when none is dead
+    groups = LatentGroups(indices, W_dec.shape[0])
+    values = _values_at(hidden_pre, groups, encoder) * dead_mask[indices]  # live latents picked add nothing
+    return dead_mask.any() * _decoded_error(residual, values, groups, W_dec)  # 0 when none is dead
 
 
-def _values_at(hidden_pre: Tensor, indices: Tensor, encoder) -> Tensor:
+def _values_at(hidden_pre: Tensor, groups: LatentGroups, encoder) -> Tensor:
     if encoder is None:
-        return hidden_pre.gather(-1, indices).relu()
+        return hidden_pre.gather(-1, groups.indices).relu()
     x, W_enc, b_enc = encoder
-    return gathered_encoder_values(x, W_enc, b_enc, hidden_pre, indices)
+    return gathered_encoder_values(x, W_enc, b_enc, hidden_pre, groups.indices, groups)
 
 
-def _decoded_error(residual: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    e_hat = sparse_decode(values, indices, W_dec)
+def _decoded_error(residual: Tensor, values: Tensor, groups: LatentGroups, W_dec: Tensor) -> Tensor:
+    e_hat = sparse_decode(values, groups.indices, W_dec, groups)
     return (residual - e_hat).pow(2).sum() / total_variance(residual)

@@ -7,6 +7,7 @@ import torch
 
 from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
+from pipeline.sae.sparse_topk import sparse_decode
 
 D = 32
 EXPANSION = 4
@@ -229,6 +230,22 @@ def test_sparse_and_dense_topk_agree_in_values_and_gradients(glu):
         other = dict(sparse.named_parameters())[name]
         assert param.grad is not None and param.grad.abs().sum() > 0, name
         assert torch.allclose(param.grad, other.grad, atol=1e-10), name
+
+
+def test_sparse_decode_gradients_equal_torchs_embedding_bag_with_latents_no_row_picked():
+    """The decoder's W gradient comes from bags grouped by latent (LatentGroups): latents no row
+    picked, the last one included, get zero rows, and both gradients equal torch's own backward."""
+    torch.manual_seed(0)
+    W = torch.randn(D_SAE, D, requires_grad=True)
+    indices = torch.randint(0, D_SAE // 2, (48, K))  # the upper half of the latents is never picked
+    values = torch.rand(48, K, requires_grad=True)
+    grad_out = torch.randn(48, D)
+    expected = torch.autograd.grad(torch.nn.functional.embedding_bag(indices, W, mode="sum", per_sample_weights=values),
+                                   (values, W), grad_out)
+    got = torch.autograd.grad(sparse_decode(values, indices, W), (values, W), grad_out)
+    for want, have in zip(expected, got):
+        assert torch.allclose(have, want, atol=1e-5)
+    assert float(got[1][D_SAE // 2:].abs().sum()) == 0
 
 
 def test_sparse_topk_gradient_reaches_the_input_for_chained_models():
