@@ -305,15 +305,15 @@ class SparseAutoencoder(nn.Module):
             # hidden_pre is only selected from here (and by AuxK); gradients take the sparse route
             hidden_pre = pre_activations_no_grad(x, self.W_enc, self.b_enc)
             groups = LatentGroups(topk_indices(self.gate(hidden_pre), k), self.cfg.d_sae)
-            values = gathered_encoder_values(x, self.W_enc, self.b_enc, hidden_pre, groups.indices, groups)
+            values = gathered_encoder_values(x, self.W_enc, self.b_enc, hidden_pre, groups)
         return values, groups, hidden_pre
 
     # --- decoder ----------------------------------------------------------------------------
     def decode(self, feature_acts: Tensor) -> Tensor:
         return feature_acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, groups: LatentGroups | None = None) -> Tensor:
-        return sparse_decode(values, indices, self.W_dec, groups) + self.b_dec
+    def decode_sparse(self, values: Tensor, selected: LatentGroups) -> Tensor:
+        return sparse_decode(values, selected, self.W_dec) + self.b_dec
 
     def uses_sparse_path(self, k: int | None = None) -> bool:
         """Whether forward takes the sparse TopK path (k: the k in effect, default top_k)."""
@@ -327,7 +327,7 @@ class SparseAutoencoder(nn.Module):
         k = k or self.cfg.top_k
         if x.dim() == 2 and self.uses_sparse_path(k):
             values, groups, hidden_pre = self._encode_sparse(x, k)
-            x_hat = self.decode_sparse(values, groups.indices, groups)  # one sort of the indices for both
+            x_hat = self.decode_sparse(values, groups)  # one sort of the indices for both gradients
             return x_hat, SAEOutput(hidden_pre, None, values, groups.indices)
         hidden_pre = self.encode_pre(x)
         feature_acts = _ACTIVATIONS[self.cfg.act_fn](self, hidden_pre, k)

@@ -73,13 +73,12 @@ class _GatheredEncoder(torch.autograd.Function):
         return grad_x, grad_W_enc, grad_b_enc, None, None
 
 
-def gathered_encoder_values(x: Tensor, W_enc: Tensor, b_enc: Tensor, hidden_pre: Tensor, indices: Tensor,
-                            groups: LatentGroups | None = None) -> Tensor:
-    """relu(hidden_pre) at `indices` (B, k); gradients to x, W_enc, b_enc in O(B*k*d_model).
-    hidden_pre must equal x @ W_enc + b_enc (it is used detached); groups: the indices' grouping,
-    shared with the decode of the same indices."""
-    groups = groups or LatentGroups(indices, W_enc.shape[1])
-    return _GatheredEncoder.apply(x, W_enc, b_enc, hidden_pre.detach(), groups)
+def gathered_encoder_values(x: Tensor, W_enc: Tensor, b_enc: Tensor, hidden_pre: Tensor,
+                            selected: LatentGroups) -> Tensor:
+    """relu(hidden_pre) at the selected indices (B, k); gradients to x, W_enc, b_enc in
+    O(B*k*d_model). hidden_pre must equal x @ W_enc + b_enc (it is used detached); `selected`
+    groups the indices once for this gradient and the decode's of the same indices."""
+    return _GatheredEncoder.apply(x, W_enc, b_enc, hidden_pre.detach(), selected)
 
 
 class LatentGroups:
@@ -138,8 +137,7 @@ def row_dots(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
         rows, table, flat, bags, bag_of_index, 0, -1).view(B, k)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, groups: LatentGroups | None = None) -> Tensor:
-    """sum_j values[b, j] * W_dec[indices[b, j]] -> (B, d_out), without the bias; groups: the
-    indices' grouping, shared with the encoder's gradient of the same indices."""
-    groups = groups or LatentGroups(indices, W_dec.shape[0])
-    return _SparseDecode.apply(values.to(W_dec.dtype), W_dec, groups)
+def sparse_decode(values: Tensor, selected: LatentGroups, W_dec: Tensor) -> Tensor:
+    """sum_j values[b, j] * W_dec[indices[b, j]] -> (B, d_out) over the selected indices, without
+    the bias."""
+    return _SparseDecode.apply(values.to(W_dec.dtype), W_dec, selected)

@@ -136,9 +136,9 @@ def _values_at(hidden_pre: Tensor, groups: LatentGroups, encoder) -> Tensor:
     if encoder is None:
         return hidden_pre.gather(-1, groups.indices).relu()
     x, W_enc, b_enc = encoder
-    return gathered_encoder_values(x, W_enc, b_enc, hidden_pre, groups.indices, groups)
+    return gathered_encoder_values(x, W_enc, b_enc, hidden_pre, groups)
 
 
 def _decoded_error(residual: Tensor, values: Tensor, groups: LatentGroups, W_dec: Tensor) -> Tensor:
-    e_hat = sparse_decode(values, groups.indices, W_dec, groups)
+    e_hat = sparse_decode(values, groups, W_dec)
     return (residual - e_hat).pow(2).sum() / total_variance(residual)

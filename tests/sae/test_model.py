@@ -7,7 +7,7 @@ import torch
 
 from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
-from pipeline.sae.sparse_topk import sparse_decode
+from pipeline.sae.sparse_topk import LatentGroups, sparse_decode
 
 D = 32
 EXPANSION = 4
@@ -242,7 +242,7 @@ def test_sparse_decode_gradients_equal_torchs_embedding_bag_with_latents_no_row_
     grad_out = torch.randn(48, D)
     expected = torch.autograd.grad(torch.nn.functional.embedding_bag(indices, W, mode="sum", per_sample_weights=values),
                                    (values, W), grad_out)
-    got = torch.autograd.grad(sparse_decode(values, indices, W), (values, W), grad_out)
+    got = torch.autograd.grad(sparse_decode(values, LatentGroups(indices, D_SAE), W), (values, W), grad_out)
     for want, have in zip(expected, got):
         assert torch.allclose(have, want, atol=1e-5)
     assert float(got[1][D_SAE // 2:].abs().sum()) == 0
