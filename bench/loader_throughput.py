@@ -4,8 +4,8 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
 (page cache dropped with posix_fadvise(DONTNEED) per chunk file, no root needed) and warm:
 - sequential: every chunk file read in store order into one reused buffer (the disk's best case);
 - loader: one shuffled epoch (a fresh loader: it maps, verifies and faults in every chunk) of
-  ActivationLoader batches in float32 (what CPU training steps on: float16 batches widened by the
-  consumer thread, as pipeline/train/stage.py does) and in float16 (the stored dtype: what the
+  ActivationLoader batches in float32 (what CPU training steps on: the loader's builder threads
+  convert in the gather, pipeline/train/stage.py) and in float16 (the stored dtype: what the
   CUDA path gathers, pins and copies to the GPU, which converts);
 - warm only: the second epoch of one float32 loader (a training run's steady state: its chunks
   are mapped and verified already);
@@ -49,6 +49,7 @@ from store.format import (  # noqa: E402
     write_manifest,
 )
 from host import print_host  # noqa: E402
+from pipeline.heap import keep_large_blocks_in_heap  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.shuffled_copy import shuffle_store  # noqa: E402
 
@@ -118,14 +119,13 @@ def sequential_read(files: list[Path]) -> int:
 
 
 def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify: bool = True):
-    """Batches of `dtype`: float32 ones are the stored float16 widened here, by the consumer, as
-    CPU training does."""
+    """Batches of `dtype` as the loader delivers them (float32: converted in its gather)."""
     loader = ActivationLoader(
         path, HOOK, batch_size=4096, heldout_chunks=0, shuffle_buffer_chunks=8, prefetch_batches=4,
-        num_workers=workers, dtype=None, max_rows=max_rows, seed=0, verify=verify,
+        num_workers=workers, dtype=dtype, max_rows=max_rows, seed=0, verify=verify,
     )
     for batch in loader:
-        yield batch[HOOK].to(dtype)
+        yield batch[HOOK]
 
 
 def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True) -> int:
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="cold/warm rounds; the best of each is kept")
     args = parser.parse_args()
     print_host()
+    keep_large_blocks_in_heap()  # as CPU training does
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = args.store or Path(tmp) / "bench.zarr"
         if not (path / "zarr.json").exists():

@@ -11,12 +11,13 @@ Threads (store/producer.py): `num_workers` reader threads copy a group's slices 
 chunk out of its memmap, kept mapped for the reader's life, store/chunk_maps.py, or out of the
 decoded chunk) into one of two preallocated group buffers while `num_workers` builder threads
 gather batches out of the other (store/staging.py): on the CPU straight into the training dtype
-(converted block by block in the gather); for CUDA kept in the stored dtype in pooled pinned
-buffers, copied non_blocking and converted on the device by the consumer. At most
-`prefetch_batches` finished batches wait ahead of the consumer. Private host memory is bounded by
-2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) + about prefetch_batches +
-2 * num_workers batches + a chunk being decoded per reader thread (compressed or remote stores
-only), whatever the store's size; the kept chunk maps are page cache (RSS shows them as RssFile).
+(converted in the gather, each builder thread on its own: an OpenMP team of one); for CUDA kept
+in the stored dtype in pooled pinned buffers, copied non_blocking and converted on the device by
+the consumer. At most `prefetch_batches` finished batches wait ahead of the consumer. Private
+host memory is bounded by 2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) + about
+prefetch_batches + 2 * num_workers batches (+ a stored-dtype batch of scratch per builder thread
+when it converts) + a chunk being decoded per reader thread (compressed or remote stores only),
+whatever the store's size; the kept chunk maps are page cache (RSS shows them as RssFile).
 
 Training batches roll over epoch boundaries (the tail of epoch e and the head of e+1 share a
 batch), so every batch is full and every rank yields the same number of batches; only the final

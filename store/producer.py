@@ -26,7 +26,7 @@ import numpy as np
 from store.rawread import read_mapped_into
 from store.reader import StoreReader
 from store.shuffle import Cursor, Pieces
-from store.staging import gather_rows
+from store.staging import gather_rows, serial_openmp_team
 
 END = object()
 _POLL_S = 0.1  # how often a blocked planner checks whether the consumer went away
@@ -110,7 +110,8 @@ class Producer:
 
         try:
             with ThreadPoolExecutor(self.num_workers, thread_name_prefix="saeflow-read") as loaders, \
-                    ThreadPoolExecutor(self.num_workers, thread_name_prefix="saeflow-gather") as builders:
+                    ThreadPoolExecutor(self.num_workers, thread_name_prefix="saeflow-gather",
+                                       initializer=serial_openmp_team) as builders:
                 for item in self._batches(loaders, builders, stop):
                     if not put(item):
                         break

@@ -3,13 +3,15 @@
 Rows are gathered with np.take (one thread per call, GIL released), by `gather_rows`.
 
 - CPU (`HostBatches`): builders gather straight into the training dtype, so the consumer (the
-  training loop) only receives finished tensors. A converting gather works in blocks below
-  torch's parallel grain size: np.take of a block into a small stored-dtype scratch that stays
-  in cache, then a conversion into the batch on the calling thread (never an OpenMP team, which
-  stalls badly when cores are busy and would compete with the trainer's intra-op threads). One
-  pass over the batch's memory instead of a gather and then a conversion of the whole batch.
-  Batch memory comes from numpy, whose allocator reuses freed pages (torch.empty of a multi-MB
-  tensor returns fresh pages that fault on first write).
+  training loop) only receives finished tensors. A converting gather never starts an OpenMP
+  team (a team per builder thread would spin on the cores the readers and the trainer need):
+  builder threads run with an OpenMP team of one (`serial_openmp_team`, threadpoolctl: the
+  setting is the calling thread's own), so a gather is one np.take into the thread's
+  stored-dtype scratch and one conversion call. Where that setting cannot be made (no OpenMP
+  runtime found), the gather works in blocks below torch's parallel grain size instead: slower
+  (a torch call per ~40 rows), as correct. Batch memory comes from numpy, whose allocator
+  reuses freed pages (torch.empty of a multi-MB tensor returns fresh pages that fault on first
+  write).
 - CUDA (`DeviceBatches`): batches are gathered into a small pool of (pinned) staging buffers; the
   consumer copies the stored dtype (half the bytes of float32) with non_blocking and converts on
   the device. A buffer goes back to the pool with an event recorded after its copy, and the
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from store.dtypes import STORE_DTYPES, as_stored_numpy, from_stored_numpy
 
@@ -39,8 +42,16 @@ def convert_on_this_thread(source: torch.Tensor, target: torch.Tensor) -> None:
         piece.copy_(part)
 
 
+def serial_openmp_team() -> bool:
+    """Make torch's elementwise ops on the calling thread run on that thread alone (its OpenMP
+    team of one); other threads keep their teams. False where no OpenMP runtime was found."""
+    torch.get_num_threads()  # torch sets a new thread's team size on first use: let it happen first
+    ThreadpoolController().limit(limits=1, user_api="openmp")
+    return torch.get_num_threads() == 1
+
+
 _STORE_DTYPE_OF = {np.dtype(raw): name for name, raw in STORE_DTYPES.items()}  # bfloat16 bits are uint16
-_scratch = threading.local()  # each builder thread's conversion scratch, by (dtype, shape)
+_scratch = threading.local()  # each builder thread's conversion scratch
 
 
 def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray | torch.Tensor) -> None:
@@ -56,6 +67,11 @@ def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray
     if isinstance(rows, slice):  # consecutive rows convert in place
         convert_on_this_thread(from_stored_numpy(source[rows], store_dtype), target)
         return
+    if torch.get_num_threads() == 1:  # a team of one: the whole part in two calls
+        scratch = _thread_scratch(source.dtype, len(rows), source.shape[1])
+        np.take(source, rows, axis=0, out=scratch, mode="clip")
+        target.copy_(from_stored_numpy(scratch, store_dtype))
+        return
     block = max(1, (_GRAIN - 1) // max(1, source.shape[1]))
     key = (source.dtype, block, source.shape[1])
     if getattr(_scratch, "key", None) != key:
@@ -66,6 +82,14 @@ def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray
         n = piece.shape[0]
         np.take(source, rows[index * block : index * block + n], axis=0, out=scratch[:n], mode="clip")
         piece.copy_(tensor[:n])
+
+
+def _thread_scratch(dtype: np.dtype, rows: int, width: int) -> np.ndarray:
+    """(rows, width) of this thread's scratch, kept for its largest part so far (one batch)."""
+    kept = getattr(_scratch, "whole", None)
+    if kept is None or kept.dtype != dtype or kept.shape[1] != width or kept.shape[0] < rows:
+        _scratch.whole = kept = np.empty((rows, width), dtype=dtype)
+    return kept[:rows]
 
 
 @dataclass

@@ -106,14 +106,13 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
     if device.type == "cpu":
         keep_large_blocks_in_heap()
     local_batch = batch_size // ranks.world
-    # On the CPU the loader hands over stored rows and this thread widens them, once for every SAE
-    # of a sweep: one pass on torch's intra-op threads, cheaper than converting in the loader's
-    # gather (bench/loader_throughput.py). CUDA batches arrive converted on the device.
+    # float32 batches for every SAE of a sweep: on the CPU converted in the loader's gather (its
+    # builder threads), on CUDA on the device after the copy of the stored dtype.
     loader = ActivationLoader(
         reader, hooks, batch_size=local_batch, split="train", seed=cfg.loader.seed,
         shuffle_buffer_chunks=cfg.loader.shuffle_buffer_chunks, slice_rows=cfg.loader.slice_rows,
         prefetch_batches=cfg.loader.prefetch_batches, num_workers=cfg.loader.num_workers,
-        heldout_chunks=cfg.loader.heldout_chunks, dtype=None if device.type == "cpu" else torch.float32,
+        heldout_chunks=cfg.loader.heldout_chunks, dtype=torch.float32,
         device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * local_batch, cursor=cursor,
         rank=ranks.rank, world_size=ranks.world,
     )
@@ -122,7 +121,6 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
     with tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
               disable=not writes) as progress:
         for batch in loader:
-            batch = {hook: rows.float() for hook, rows in batch.items()}
             for trainer in trainers:
                 trainer.train_step(batch[trainer.sae.cfg.hook_point_in], batch[trainer.sae.cfg.hook_point_out])
             step = trainers[0].step

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from threadpoolctl import ThreadpoolController
 
 from store.format import StoreError
 from store.loader import ActivationLoader
 from store.rawread import mapped_byte_range, read_mapped_into
 from store.reader import StoreReader
-from store.staging import DeviceBatches, convert_on_this_thread
+from store.staging import DeviceBatches, convert_on_this_thread, gather_rows, serial_openmp_team
 from store.sampling import sample_rows
 from tests.store_fixtures import make_store, random_rows
 
@@ -326,6 +327,50 @@ def test_conversion_on_this_thread_matches_copy():
         target = torch.empty(97, d)
         convert_on_this_thread(source, target)
         assert torch.equal(target, source.float())
+
+
+def _threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray, team: int | None) -> tuple[torch.Tensor, int, int]:
+    """gather_rows into float32 on a fresh thread whose OpenMP team is `team` threads (None: a
+    builder's serial team); (the batch, the thread's team size, threads the gather started)."""
+    result = {}
+
+    def work() -> None:
+        if team is None:
+            assert serial_openmp_team()
+        else:
+            torch.get_num_threads()
+            ThreadpoolController().limit(limits=team, user_api="openmp")
+        target = torch.empty(len(rows), source.shape[1])
+        before = _threads()
+        gather_rows(source, rows, target)
+        result.update(batch=target, team=torch.get_num_threads(), started=_threads() - before)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return result["batch"], result["team"], result["started"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_converting_gather_of_a_builder_thread_is_one_call_on_that_thread_and_equals_the_blocked_one():
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal((600, 768)).astype(np.float16)  # 460,800 values: above torch's parallel grain
+    rows = rng.permutation(600)[:500]
+    expected = torch.from_numpy(source[rows]).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a new thread would start with a team of 2 (the suite runs 1)
+    try:
+        serial, team, started = _gather_on_a_new_thread(source, rows, None)
+        blocked, blocked_team, _ = _gather_on_a_new_thread(source, rows, 2)  # the fallback: blocks below the grain
+    finally:
+        torch.set_num_threads(threads)
+    assert team == 1 and started == 0  # no OpenMP team of its own next to the trainer's
+    assert torch.equal(serial, expected)
+    assert blocked_team == 2 and torch.equal(blocked, expected)
 
 
 @pytest.mark.parametrize("batch_size", [7, 64, 300])  # 300 rows span three 2-chunk groups (128 rows)
