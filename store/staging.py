@@ -64,10 +64,15 @@ def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray
             np.take(source, rows, axis=0, out=target, mode="clip")
         return
     store_dtype = _STORE_DTYPE_OF[source.dtype]
+    serial = torch.get_num_threads() == 1  # a team of one: the whole part in one conversion call
     if isinstance(rows, slice):  # consecutive rows convert in place
-        convert_on_this_thread(from_stored_numpy(source[rows], store_dtype), target)
+        part = from_stored_numpy(source[rows], store_dtype)
+        if serial:
+            target.copy_(part)
+        else:
+            convert_on_this_thread(part, target)
         return
-    if torch.get_num_threads() == 1:  # a team of one: the whole part in two calls
+    if serial:
         scratch = _thread_scratch(source.dtype, len(rows), source.shape[1])
         np.take(source, rows, axis=0, out=scratch, mode="clip")
         target.copy_(from_stored_numpy(scratch, store_dtype))

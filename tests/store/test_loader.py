@@ -333,7 +333,7 @@ def _threads() -> int:
     return len(list(Path("/proc/self/task").iterdir()))
 
 
-def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray, team: int | None) -> tuple[torch.Tensor, int, int]:
+def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray | slice, team: int | None) -> tuple[torch.Tensor, int, int]:
     """gather_rows into float32 on a fresh thread whose OpenMP team is `team` threads (None: a
     builder's serial team); (the batch, the thread's team size, threads the gather started)."""
     result = {}
@@ -344,7 +344,7 @@ def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray, team: int | No
         else:
             torch.get_num_threads()
             ThreadpoolController().limit(limits=team, user_api="openmp")
-        target = torch.empty(len(rows), source.shape[1])
+        target = torch.empty(len(source[rows]), source.shape[1])
         before = _threads()
         gather_rows(source, rows, target)
         result.update(batch=target, team=torch.get_num_threads(), started=_threads() - before)
@@ -359,18 +359,18 @@ def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray, team: int | No
 def test_converting_gather_of_a_builder_thread_is_one_call_on_that_thread_and_equals_the_blocked_one():
     rng = np.random.default_rng(0)
     source = rng.standard_normal((600, 768)).astype(np.float16)  # 460,800 values: above torch's parallel grain
-    rows = rng.permutation(600)[:500]
-    expected = torch.from_numpy(source[rows]).float()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # a new thread would start with a team of 2 (the suite runs 1)
     try:
-        serial, team, started = _gather_on_a_new_thread(source, rows, None)
-        blocked, blocked_team, _ = _gather_on_a_new_thread(source, rows, 2)  # the fallback: blocks below the grain
+        for rows in (rng.permutation(600)[:500], slice(50, 600)):  # shuffled rows; consecutive ones
+            expected = torch.from_numpy(source[rows]).float()
+            serial, team, started = _gather_on_a_new_thread(source, rows, None)
+            assert team == 1 and started == 0  # no OpenMP team of its own next to the trainer's
+            assert torch.equal(serial, expected)
+            blocked, team, _ = _gather_on_a_new_thread(source, rows, 2)  # the fallback: blocks below the grain
+            assert team == 2 and torch.equal(blocked, expected)
     finally:
         torch.set_num_threads(threads)
-    assert team == 1 and started == 0  # no OpenMP team of its own next to the trainer's
-    assert torch.equal(serial, expected)
-    assert blocked_team == 2 and torch.equal(blocked, expected)
 
 
 @pytest.mark.parametrize("batch_size", [7, 64, 300])  # 300 rows span three 2-chunk groups (128 rows)
