@@ -51,7 +51,7 @@ def serial_openmp_team() -> bool:
 
 
 _STORE_DTYPE_OF = {np.dtype(raw): name for name, raw in STORE_DTYPES.items()}  # bfloat16 bits are uint16
-_scratch = threading.local()  # each builder thread's conversion scratch
+_scratch = threading.local()  # each builder thread's conversion scratch (_thread_scratch)
 
 
 def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray | torch.Tensor) -> None:
@@ -78,11 +78,8 @@ def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray
         target.copy_(from_stored_numpy(scratch, store_dtype))
         return
     block = max(1, (_GRAIN - 1) // max(1, source.shape[1]))
-    key = (source.dtype, block, source.shape[1])
-    if getattr(_scratch, "key", None) != key:
-        _scratch.key, _scratch.array = key, np.empty((block, source.shape[1]), dtype=source.dtype)
-        _scratch.tensor = from_stored_numpy(_scratch.array, store_dtype)
-    scratch, tensor = _scratch.array, _scratch.tensor
+    scratch = _thread_scratch(source.dtype, block, source.shape[1])  # a block: stays in cache
+    tensor = from_stored_numpy(scratch, store_dtype)
     for index, piece in enumerate(target.split(block)):  # split: all views in one call
         n = piece.shape[0]
         np.take(source, rows[index * block : index * block + n], axis=0, out=scratch[:n], mode="clip")
@@ -91,9 +88,9 @@ def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray
 
 def _thread_scratch(dtype: np.dtype, rows: int, width: int) -> np.ndarray:
     """(rows, width) of this thread's scratch, kept for its largest part so far (one batch)."""
-    kept = getattr(_scratch, "whole", None)
+    kept = getattr(_scratch, "rows", None)
     if kept is None or kept.dtype != dtype or kept.shape[1] != width or kept.shape[0] < rows:
-        _scratch.whole = kept = np.empty((rows, width), dtype=dtype)
+        _scratch.rows = kept = np.empty((rows, width), dtype=dtype)
     return kept[:rows]
 
 
