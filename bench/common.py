@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from host import cpu_model, load_average  # noqa: E402,F401 (load_average: for the benches)
+from host import cpu_isa, cpu_model, load_average  # noqa: E402,F401 (load_average: for the benches)
 from pipeline.config import ExperimentConfig, load_config  # noqa: E402
 from pipeline.sae.metrics import heldout_metrics  # noqa: E402
 from pipeline.sae.model import SparseAutoencoder  # noqa: E402
@@ -61,6 +61,7 @@ def machine() -> dict:
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "memory_gib": round(memory_gib, 1),
         "python": platform.python_version(),

@@ -7,7 +7,9 @@ corpus) at each width of `--widths` (default 3072, 6144 and 12288 latents):
   train_step (TopK forward on the sparse path, normalized MSE, AuxK, Adam, decoder
   renormalization, logging);
 - sparsify 1.3.3 (`Trainer.fit`, its defaults: AuxK off), through bench/peers, on our loader's
-  training stream exported in batch order to a float16 .npy (held in RAM); `--saelens` adds
+  training stream exported in batch order to a float16 .npy (held in RAM); and, for the same
+  objective as ours, sparsify with AuxK on at our coefficient and dead window (`--no-same-work`
+  skips it; at defaults ours does AuxK's work and sparsify does not); `--saelens` adds
   SAELens 6.54 (slow: ~1k tokens/s), `--relu` ReLU + L1 for ours and SAELens at the first width;
 - planted dead: our SAETrainer at the same width, `--planted-dead` (10%) of its latents marked
   dead before every step (so AuxK always works on at least that many), against the same trainer
@@ -21,8 +23,8 @@ tools run R rounds in turn and the median per tool is kept (a shared machine's l
         [--repeats 1] [--threads N] [--saelens] [--relu]
 
 The store bench/out/minilm-l3.zarr is made by `saeflow generate` when missing (~1.2M tokens).
-Last lines: the AuxK step ratio at every width (goal <= 1.15), then ours / sparsify tokens/s at
-every width, the smallest last (goal >= 2).
+Last lines: the AuxK step ratio at every width (goal <= 1.15), ours / sparsify with AuxK on in
+both, then ours / sparsify at each tool's defaults at every width, the smallest last (goal >= 2).
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all tools; the median is kept")
     parser.add_argument("--planted-dead", type=float, default=0.1, help="share of latents kept dead (0: skip)")
     parser.add_argument("--planted-steps", type=int, default=16, help="steps of the planted case, 4 of them warm-up")
+    parser.add_argument("--no-same-work", dest="same_work", action="store_false",
+                        help="skip sparsify with AuxK on at our coefficient and dead window")
     parser.add_argument("--saelens", action="store_true", help="also SAELens TopK (slow)")
     parser.add_argument("--relu", action="store_true", help="also ReLU + L1, ours and SAELens, at the first width")
     parser.add_argument("--threads", type=int, default=None,
@@ -164,10 +168,16 @@ def main() -> None:
                                 warmup_steps=args.warmup_steps)
         acts = acts or export_training_rows(topk_cfg, args.out / f"rows-{args.tokens}.npy")  # the same rows at every width
         peer = dict(tokens=args.tokens, batch_size=args.batch_size, expansion=expansion, warmup_steps=args.warmup_steps)
+        # the same objective as ours: sparsify with AuxK at our coefficient and dead window
+        same_aux = ["--auxk-alpha", str(topk_cfg.train.aux_k_coefficient),
+                    "--dead-feature-threshold", str(topk_cfg.train.dead_window_tokens())]
         jobs = {
             f"ours topk {width}": lambda: run_ours(topk_cfg),
             f"sparsify topk {width}": lambda: run_peer("sparsify", acts, args.out / f"sparsify-topk-{width}", k=args.k, **peer),
         }
+        if args.same_work:
+            jobs[f"sparsify topk+auxk {width}"] = lambda: run_peer(
+                "sparsify", acts, args.out / f"sparsify-topk-auxk-{width}", k=args.k, extra=same_aux, **peer)
         if args.saelens:
             jobs[f"sae-lens topk {width}"] = lambda: run_peer("saelens", acts, args.out / f"saelens-topk-{width}", k=args.k, **peer)
         if args.relu and width == args.widths[0]:
@@ -187,22 +197,25 @@ def main() -> None:
 
     rate = {name: statistics.median(r["tokens_per_second"] for r in results) for name, results in runs.items()}
     speed = {width: rate[f"ours topk {width}"] / rate[f"sparsify topk {width}"] for width in args.widths}
+    same_work = {width: rate[f"ours topk {width}"] / rate[f"sparsify topk+auxk {width}"]
+                 for width in args.widths if f"sparsify topk+auxk {width}" in rate}
     summary = {
         "machine": machine(), "store": store, "widths": args.widths, "tokens_per_tool": args.tokens,
         "batch_size": args.batch_size, "k": args.k, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
-        "tokens_per_second_median": rate, "ours_over_sparsify": speed, "planted_dead": planted,
+        "tokens_per_second_median": rate, "ours_over_sparsify": speed, "ours_over_sparsify_both_auxk": same_work, "planted_dead": planted,
         "runs": {name: [{key: r.get(key) for key in ("tokens_per_second", "timed_seconds", "timed_tokens",
                                                       "load_before_after", "host_load_1min_before_after",
-                                                      "timed_cpu_seconds", "lr", "torch_threads")} for r in results]
+                                                      "timed_cpu_seconds", "lr", "torch_threads", "dead_latents_at_end")} for r in results]
                  for name, results in runs.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(summary, indent=1))
-    say(f"\n{'run':<22} {'tokens/s':>10}   load average (1 min) before/after")
+    say(f"\n{'run':<24} {'tokens/s':>10}   load average (1 min) before/after")
     for name, results in runs.items():
         loads = [r.get("load_before_after") or r.get("host_load_1min_before_after") for r in results]
-        say(f"{name:<22} {rate[name]:>10,.0f}   {loads}")
+        dead = [r["dead_latents_at_end"] for r in results if "dead_latents_at_end" in r]
+        say(f"{name:<24} {rate[name]:>10,.0f}   {loads}" + (f"   dead at the end: {dead}" if dead else ""))
     if args.relu:
         say(f"relu: ours/sae-lens {rate['ours relu'] / rate['sae-lens relu']:.2f}")
     for width, facts in planted.items():
@@ -214,6 +227,10 @@ def main() -> None:
         ratios = " / ".join(f"{planted[w]['ratio']:.2f}" for w in planted)
         say(f"step with AuxK active / without at {' / '.join(map(str, planted))} latents: {ratios} "
             f"(goal <= 1.15 at every width)")
+    if same_work:
+        shown = " / ".join(f"{same_work[w]:.2f}" for w in same_work)
+        say(f"train tokens/s ours/sparsify, AuxK on in both (coefficient {topk_cfg.train.aux_k_coefficient:g}, dead after "
+            f"{topk_cfg.train.dead_window_tokens()} tokens) at {' / '.join(map(str, same_work))} latents: {shown}")
     shown = " / ".join(f"{speed[w]:.2f}" for w in args.widths)
     print(f"train tokens/s ours/sparsify at {' / '.join(map(str, args.widths))} latents: {shown}; "
           f"smallest: {min(speed.values()):.2f} (goal >= 2)")

@@ -14,7 +14,7 @@ of L consecutive rows, so each step sees rows [i*B, (i+1)*B) in order (L = gcd(B
 
 Usage (in bench/.peers-venv):
   python bench/peers/train_sparsify.py --acts X.npy --out DIR --k 32 --expansion 8 \
-      --batch-size 4096 --tokens N [--lr L] [--optimizer signum|adam] [--auxk-alpha A]
+      --batch-size 4096 --tokens N [--lr L] [--optimizer signum|adam] [--auxk-alpha A] [--dead-feature-threshold T]
 """
 
 from __future__ import annotations
@@ -98,11 +98,14 @@ class RowSequences(torch.utils.data.Dataset):
 def add_sparsify_args(parser) -> None:
     parser.add_argument("--optimizer", choices=["signum", "adam"], help="default: sparsify's (signum)")
     parser.add_argument("--auxk-alpha", type=float, help="default: sparsify's (0.0, AuxK off)")
+    parser.add_argument("--dead-feature-threshold", type=int,
+                        help="tokens without firing before a latent counts as dead (AuxK); default: sparsify's (10M)")
 
 
 def build_config(args, save_dir: Path, seq_len: int) -> TrainConfig:
     """The TrainConfig a user would write; fields not given keep sparsify's defaults."""
-    given = {"lr": args.lr, "optimizer": args.optimizer, "auxk_alpha": args.auxk_alpha}
+    given = {"lr": args.lr, "optimizer": args.optimizer, "auxk_alpha": args.auxk_alpha,
+             "dead_feature_threshold": args.dead_feature_threshold}
     optional = {name: value for name, value in given.items() if value is not None}
     return TrainConfig(
         sae=SparseCoderConfig(expansion_factor=args.expansion, k=args.k),
@@ -152,6 +155,8 @@ def training_facts(args, trainer: Trainer, seq_len: int) -> dict:
         "optimizer": f"{cfg.optimizer}: {type(optimizer).__name__}({type(base_optimizer).__name__})",
         "lr_schedule": schedule,
         "loss": f"fvu + {cfg.auxk_alpha} * auxk (dead after {cfg.dead_feature_threshold} tokens)",
+        # latents AuxK counts as dead when training ends (whether it had any to work on)
+        "dead_latents_at_end": int((trainer.num_tokens_since_fired[HOOKPOINT] > cfg.dead_feature_threshold).sum()),
         "normalization": "none",
         "normalization_notes": NORMALIZATION_NOTES,
     }
