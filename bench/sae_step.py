@@ -13,11 +13,12 @@ k*<r> <= d_sae` (the rule topk_decode: auto applies, with r = 8 measured on the 
 AuxK (--aux): the sparse step with AuxK on (a share of latents planted dead) against off, each
 AuxK decode timed: dead columns by matmul, and gathered (embedding_bag), the two
 pipeline/train/aux_k.py chooses between at n_dead = DENSE_COLUMNS_PER_K_AUX * k_aux. Prints each
-step's ratio to the step without AuxK, and the n_dead / k_aux from which gathered is faster.
+step's ratio to the step without AuxK, and the n_dead / k_aux from which gathered is faster;
+--profile adds, at 10% dead, the torch ops whose time AuxK adds (self CPU ms a step).
 
 usage: python bench/sae_step.py [--batch 4096] [--d-model 384] [--k 32] [--expansions 8 32]
                                 [--scan 0.25 0.5 1 2 4 8 16 32]
-       python bench/sae_step.py --aux [--expansions 16] [--dead 0.01 0.03 0.1 0.3] [--k-aux 192]
+       python bench/sae_step.py --aux [--expansions 16] [--dead 0.01 0.03 0.1 0.3] [--k-aux 192] [--profile]
 Last line: the speedup at the first expansion factor (the issue's goal: >= 1.5); with --aux, the
 step with AuxK (the decode aux_k.py picks) over the step without, at 10% dead (goal <= 1.15).
 """
@@ -137,9 +138,30 @@ def compare_aux(args, expansion: float) -> float:
             slower_at = n_dead / args.k_aux
         if abs(share - 0.1) < 1e-9:
             goal = median[auto] / median["off"]
+            if args.profile:
+                print_aux_profile(sae, x, dead, args.k_aux, cases[auto][1])
     print(f"gathered faster than columns from n_dead/k_aux = {faster_from and f'{faster_from:.1f}'} "
           f"(columns faster at {slower_at and f'{slower_at:.1f}'}; auto switches at {DENSE_COLUMNS_PER_K_AUX})")
     return goal
+
+
+def print_aux_profile(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, k_aux: int, columns: float,
+                      steps: int = 3, shown: int = 8) -> None:
+    """What AuxK adds to a step, by torch op (self CPU time per step, torch.profiler): the ops
+    whose time grows most between the step without AuxK and the step with it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op = {}
+    for name, mask in (("off", None), ("on", dead)):
+        with profile(activities=[ProfilerActivity.CPU]) as recorded:
+            for _ in range(steps):
+                aux_step_seconds(sae, x, mask, k_aux, columns)
+        per_op[name] = {event.key: event.self_cpu_time_total / 1e3 / steps for event in recorded.key_averages()}
+    added = {op: per_op["on"][op] - per_op["off"].get(op, 0.0) for op in per_op["on"]}
+    total = sum(per_op["on"].values()) - sum(per_op["off"].values())
+    top = sorted(added, key=added.get, reverse=True)[:shown]
+    print(f"AuxK adds {total:.0f} ms of op time a step (profiled, {sum(per_op['off'].values()):.0f} ms without): "
+          + ", ".join(f"{op} {added[op]:.1f}" for op in top))
 
 
 def main() -> None:
@@ -154,6 +176,7 @@ def main() -> None:
     parser.add_argument("--dead", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
                         help="--aux: shares of latents planted dead")
     parser.add_argument("--k-aux", type=int, default=None, help="--aux: default d_model // 2")
+    parser.add_argument("--profile", action="store_true", help="--aux: what AuxK adds by torch op, at 10%% dead")
     args = parser.parse_args()
     print_host()
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
