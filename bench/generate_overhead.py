@@ -14,8 +14,10 @@ a shared machine's drifting load cancels out of each round's ratio):
   commits, final flush) against `run_hooks` over the same batches, both under generate's heap
   setting (pipeline/heap.py), so the ratio is the cost of everything generate adds to the forward.
 Tokens/s counts positions forwarded (the same number on both sides). Each comparison prints its
-per-round ratios and their spread (max - min); the goal is on the end-to-end median. Then the
-writer alone: fp16 rows of d=384 put as fast as possible (MB/s committed, checksums and stats).
+per-round ratios and their spread (max - min); the goal is on the end-to-end median. Then what
+generate's main thread does besides the forward (tokenizing + windowing, each chunk's float64
+statistics: timed apart on the same rows, as shares of its loop), and the writer alone: fp16 rows
+of d=384 put as fast as possible (MB/s committed, checksums and stats).
 
     .venv/bin/python bench/generate_overhead.py [--e2e-tokens N] [--e2e-rounds R] [--tokens N] [--rounds R]
 """
@@ -126,6 +128,32 @@ def end_to_end_round(tokens: int, directory: Path, round_: int) -> tuple[float, 
     return process, loop
 
 
+def outside_forward(cfg, lm, store: Path, loop_seconds: float) -> str:
+    """What generate's main thread does besides the forward, timed apart on the same rows: the
+    tokenizing and windowing of its batches, and each chunk's float64 statistics (written to a
+    store by the rounds above), as shares of one generate loop's wall time."""
+    from store.reader import StoreReader
+    from store.recorded_stats import chunk_moments
+
+    began = time.perf_counter()
+    same_batches(cfg, lm)  # tokenize + window (the corpus is cached by the earlier calls)
+    tokenize = time.perf_counter() - began
+    reader = StoreReader(store)
+    hook = cfg.generate.hook_points[0]
+    chunk = reader.read_chunk(hook, 0)
+    best = min(_seconds(lambda: chunk_moments(chunk, reader.manifest.layout[hook][1])) for _ in range(3))
+    stats = best * reader.manifest.n_chunks
+    return (f"outside the forward, per generate loop of {loop_seconds:.1f} s: tokenize + window {tokenize:.2f} s "
+            f"({tokenize / loop_seconds:.1%}), chunk statistics {best * 1e3:.0f} ms x {reader.manifest.n_chunks} chunks "
+            f"of {len(chunk):,} rows = {stats:.2f} s ({stats / loop_seconds:.1%})")
+
+
+def _seconds(call) -> float:
+    began = time.perf_counter()
+    call()
+    return time.perf_counter() - began
+
+
 def spread(values: list[float]) -> str:
     return f"{[round(v, 3) for v in values]}, spread {max(values) - min(values):.3f}"
 
@@ -180,6 +208,8 @@ def main() -> None:
             shares += [g1[2], g2[2]]
             print(f"loop only, round {round_}: forward {fwd_wall:,.0f} tok/s, generate {gen_wall:,.0f} tok/s "
                   f"(ratio {ratios[-1]:.3f}; per CPU second {cpu_ratios[-1]:.3f})", flush=True)
+        loop_seconds = sum(batch.tokens.size for batch in batches) / statistics.median(generated)
+        breakdown = outside_forward(cfg, lm, tmp / "round0a.zarr", loop_seconds)
         write_mb_s = writer_rate(tmp)
     fwd, gen = statistics.median(forward), statistics.median(generated)
     print(f"model {cfg.model.name}, hooks {hooks}, context {cfg.generate.context_size}, batch {cfg.generate.batch_size}, "
@@ -189,6 +219,7 @@ def main() -> None:
           f"share of generate's wall time inside the LM forward (median) {statistics.median(shares):.3f}")
     print(f"loop only: generate/forward per round {spread(ratios)}; median {statistics.median(ratios):.3f}; "
           f"CPU-time ratio (median) {statistics.median(cpu_ratios):.3f}")
+    print(f"loop only: {breakdown}")
     print(f"store writer alone (d=384 fp16, 16384-row chunks, checksums + float64 stats): {write_mb_s:,.0f} MB/s")
     if e2e:
         to_loop = [loop for _, loop in e2e]
