@@ -139,6 +139,11 @@ def bench_config(store: Path, out_dir: Path, tokens: int, overrides: list[str] =
     ])
 
 
+def _d_sae(directory: Path) -> int:
+    sae = json.loads((directory / "config.json").read_text())["sae"]
+    return int(sae["d_model"] * sae["expansion_factor"])
+
+
 def run_ours(cfg: ExperimentConfig) -> dict:
     """Train with the product's train stage (init, loop, held-out report, save); return the
     train-only tokens/s of the loop after its first log window (the warm-up) and the timings."""
@@ -170,6 +175,8 @@ def run_ours(cfg: ExperimentConfig) -> dict:
         "process_cpu_seconds": time.process_time() - cpu_before,
         "load_before_after": [load_before, load_average()],
         "last_log": records[-1],
+        # latents AuxK counts as dead when training ends (the peers report the same count)
+        "dead_latents_at_end": round(records[-1].get("dead_fraction_train_window", 0.0) * _d_sae(directory)),
     }
 
 
