@@ -139,11 +139,6 @@ def bench_config(store: Path, out_dir: Path, tokens: int, overrides: list[str] =
     ])
 
 
-def _d_sae(directory: Path) -> int:
-    sae = json.loads((directory / "config.json").read_text())["sae"]
-    return int(sae["d_model"] * sae["expansion_factor"])
-
-
 def run_ours(cfg: ExperimentConfig) -> dict:
     """Train with the product's train stage (init, loop, held-out report, save); return the
     train-only tokens/s of the loop after its first log window (the warm-up) and the timings."""
@@ -164,6 +159,7 @@ def run_ours(cfg: ExperimentConfig) -> dict:
     # Each record's tokens_per_second is its window's rows over the window's wall time.
     seconds = sum((r["tokens"] - p["tokens"]) / r["tokens_per_second"] for p, r in zip(records, timed))
     tokens = timed[-1]["tokens"] - records[0]["tokens"]
+    d_sae = SAEConfig.model_validate(json.loads((directory / "config.json").read_text())["sae"]).d_sae
     return {
         "tool": "saeflow",
         "dir": str(directory),
@@ -176,7 +172,7 @@ def run_ours(cfg: ExperimentConfig) -> dict:
         "load_before_after": [load_before, load_average()],
         "last_log": records[-1],
         # latents AuxK counts as dead when training ends (the peers report the same count)
-        "dead_latents_at_end": round(records[-1].get("dead_fraction_train_window", 0.0) * _d_sae(directory)),
+        "dead_latents_at_end": round(records[-1].get("dead_fraction_train_window", 0.0) * d_sae),
     }
 
 

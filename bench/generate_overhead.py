@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -141,17 +142,11 @@ def outside_forward(cfg, lm, store: Path, loop_seconds: float) -> str:
     reader = StoreReader(store)
     hook = cfg.generate.hook_points[0]
     chunk = reader.read_chunk(hook, 0)
-    best = min(_seconds(lambda: chunk_moments(chunk, reader.manifest.layout[hook][1])) for _ in range(3))
+    best = min(timeit.repeat(lambda: chunk_moments(chunk, reader.manifest.layout[hook][1]), number=1, repeat=3))
     stats = best * reader.manifest.n_chunks
     return (f"outside the forward, per generate loop of {loop_seconds:.1f} s: tokenize + window {tokenize:.2f} s "
             f"({tokenize / loop_seconds:.1%}), chunk statistics {best * 1e3:.0f} ms x {reader.manifest.n_chunks} chunks "
             f"of {len(chunk):,} rows = {stats:.2f} s ({stats / loop_seconds:.1%})")
-
-
-def _seconds(call) -> float:
-    began = time.perf_counter()
-    call()
-    return time.perf_counter() - began
 
 
 def spread(values: list[float]) -> str:

@@ -168,14 +168,13 @@ def main() -> None:
                                 warmup_steps=args.warmup_steps)
         acts = acts or export_training_rows(topk_cfg, args.out / f"rows-{args.tokens}.npy")  # the same rows at every width
         peer = dict(tokens=args.tokens, batch_size=args.batch_size, expansion=expansion, warmup_steps=args.warmup_steps)
-        # the same objective as ours: sparsify with AuxK at our coefficient and dead window
-        same_aux = ["--auxk-alpha", str(topk_cfg.train.aux_k_coefficient),
-                    "--dead-feature-threshold", str(topk_cfg.train.dead_window_tokens())]
         jobs = {
             f"ours topk {width}": lambda: run_ours(topk_cfg),
             f"sparsify topk {width}": lambda: run_peer("sparsify", acts, args.out / f"sparsify-topk-{width}", k=args.k, **peer),
         }
-        if args.same_work:
+        if args.same_work:  # the same objective as ours: sparsify with AuxK at our coefficient and dead window
+            same_aux = ["--auxk-alpha", str(topk_cfg.train.aux_k_coefficient),
+                        "--dead-feature-threshold", str(topk_cfg.train.dead_window_tokens())]
             jobs[f"sparsify topk+auxk {width}"] = lambda: run_peer(
                 "sparsify", acts, args.out / f"sparsify-topk-auxk-{width}", k=args.k, extra=same_aux, **peer)
         if args.saelens:
