@@ -60,11 +60,10 @@ class Pieces:
         """(chunk, its rows inside the chunk, as indices in buffer order) per chunk."""
         if not len(self.chunk):
             return []
-        edges = np.flatnonzero(np.diff(self.chunk)) + 1
-        out = []
-        for lo, hi in zip([0, *edges.tolist()], [*edges.tolist(), len(self.chunk)]):
-            out.append((int(self.chunk[lo]), ranges_to_indices(self.start[lo:hi], self.stop[lo:hi])))
-        return out
+        edges = np.flatnonzero(np.diff(self.chunk)) + 1  # the first piece of each chunk after the first
+        rows = ranges_to_indices(self.start, self.stop)  # one call for all chunks: views of it below
+        row_edges = np.cumsum(self.stop - self.start)[edges - 1]
+        return list(zip(self.chunk[np.concatenate([[0], edges])].tolist(), np.split(rows, row_edges)))
 
 
 def ranges_to_indices(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
