@@ -14,8 +14,9 @@ gather batches out of the other (store/staging.py): on the CPU straight into the
 (converted in the gather, each builder thread on its own: an OpenMP team of one); for CUDA kept
 in the stored dtype in pooled pinned buffers, copied non_blocking and converted on the device by
 the consumer. At most `prefetch_batches` finished batches wait ahead of the consumer. Private
-host memory is bounded by 2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) + about
-prefetch_batches + 2 * num_workers batches (+ a stored-dtype batch of scratch per builder thread
+host memory is bounded by 2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) +
+prefetch_batches + 2 * num_workers + 2 batches, allocated as iteration starts (+ a stored-dtype
+batch of scratch per builder thread
 when it converts) + a chunk being decoded per reader thread (compressed or remote stores only),
 whatever the store's size; the kept chunk maps are page cache (RSS shows them as RssFile).
 
