@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import resource
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,18 @@ def test_batch_memory_goes_round_once_released():
     assert np.shares_memory(third[0].numpy(), pooled[0]) and np.shares_memory(third[1].view(torch.int16).numpy(), pooled[1])
     fourth, fifth = memory.take(), memory.take()  # all held: a new set, and the oldest is forgotten (third keeps it alive)
     assert len(memory._sets) == 2 and all(s is not pooled for s in memory._sets) and fourth[0].shape == fifth[0].shape
+
+
+def test_batch_memory_is_allocated_by_the_thread_that_builds_the_pool():
+    """The planner thread takes sets the iterating thread allocated (glibc arenas are per thread:
+    memory a finished loader's planner freed was not reused by the next loader's)."""
+    memory = _BatchMemory([(4, 3)], [torch.float32], size=3)
+    allocated = [arrays[0].ctypes.data for arrays in memory._sets]  # addresses: a reference would hold a set
+    taken: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: taken.extend(memory.take()[0] for _ in range(3)))
+    worker.start()
+    worker.join()
+    assert len(allocated) == 3 and [t.data_ptr() for t in taken] == allocated
 
 
 def _mapped_rss(address: int) -> int:
