@@ -16,9 +16,9 @@ in the stored dtype in pooled pinned buffers, copied non_blocking and converted 
 the consumer. At most `prefetch_batches` finished batches wait ahead of the consumer. Private
 host memory is bounded by 2 group buffers (2 x shuffle_buffer_chunks x chunk_rows rows) +
 prefetch_batches + 2 * num_workers + 2 batches, allocated as iteration starts (+ a stored-dtype
-batch of scratch per builder thread
-when it converts) + a chunk being decoded per reader thread (compressed or remote stores only),
-whatever the store's size; the kept chunk maps are page cache (RSS shows them as RssFile).
+batch of scratch per builder thread when it converts) + a chunk being decoded per reader thread
+(compressed or remote stores only), whatever the store's size; the kept chunk maps are page
+cache (RSS shows them as RssFile).
 
 Training batches roll over epoch boundaries (the tail of epoch e and the head of e+1 share a
 batch), so every batch is full and every rank yields the same number of batches; only the final
