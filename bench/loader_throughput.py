@@ -129,15 +129,16 @@ def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify
         yield batch[HOOK]
 
 
-FIRST_BATCH_S: list[float] = []  # seconds to each loader_epoch's first batch, in call order
+EPOCH_SPLITS: list[tuple[float, float]] = []  # each loader_epoch's (seconds to its first batch, the rest)
 
 
 def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True) -> int:
-    rows, start = 0, time.perf_counter()
+    rows, start, first = 0, time.perf_counter(), 0.0
     for batch in _batches(path, n_rows, workers, dtype, verify):
         if not rows:
-            FIRST_BATCH_S.append(time.perf_counter() - start)
+            first = time.perf_counter() - start
         rows += batch.shape[0]
+    EPOCH_SPLITS.append((first, time.perf_counter() - start - first))
     return rows * D * 2
 
 
@@ -193,18 +194,13 @@ def main() -> None:
                 drop_cache(cold_files)
             results.setdefault(key, []).append(timed(label, run))
 
-        first_batch: dict[str, list[tuple[float, float]]] = {}  # cold global-shuffle epochs: (to first batch, rest) seconds
-
-        def record_split(key: str, label: str, dtype: torch.dtype) -> None:
-            start = time.perf_counter()
-            record(key, label, lambda: loader_epoch(path, n_rows, args.workers, dtype), cold=True)
-            total = time.perf_counter() - start
-            first_batch.setdefault(key, []).append((FIRST_BATCH_S[-1], total - FIRST_BATCH_S[-1]))
+        cold_splits: list[tuple[float, float]] = []  # the cold global-shuffle float32 epochs' EPOCH_SPLITS
 
         for _ in range(args.repeats):
             record("seq_cold", "sequential read, cold", lambda: sequential_read(files), cold=True)
-            record_split("loader_cold", "loader shuffled float32, cold", torch.float32)
-            record_split("loader_cold16", "loader shuffled float16, cold", torch.float16)
+            record("loader_cold", "loader shuffled float32, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=True)
+            cold_splits.append(EPOCH_SPLITS[-1])
+            record("loader_cold16", "loader shuffled float16, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=True)
             record("unverified_cold16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=True)
             record("copy_cold", "shuffled copy, float32, cold", lambda: loader_epoch(copy, n_rows, args.workers, torch.float32), cold=True)
             record("copy_cold16", "shuffled copy, float16, cold", lambda: loader_epoch(copy, n_rows, args.workers, torch.float16), cold=True)
@@ -235,8 +231,8 @@ def main() -> None:
         summary("loader shuffled/sequential cold, float32 batches", "loader_cold", "seq_cold", goal=">= 0.8")
         summary("loader shuffled/sequential cold, float16 batches", "loader_cold16", "seq_cold", goal=">= 0.8")
         # Why the cold global shuffle falls short: its first batch waits for every chunk.
-        round_ = max(range(len(first_batch["loader_cold"])), key=lambda i: results["loader_cold"][i] / results["seq_cold"][i])
-        first, rest = first_batch["loader_cold"][round_]
+        round_ = max(range(len(cold_splits)), key=lambda i: results["loader_cold"][i] / results["seq_cold"][i])
+        first, rest = cold_splits[round_]
         seq_s = n_rows * D * 2 / 1e9 / results["seq_cold"][round_]
         print(
             f"global shuffle cold, float32, that round: its first batch after {first:.2f} s (every chunk read and "
@@ -250,6 +246,7 @@ def main() -> None:
         summary("shuffled copy: loader warm GB/s, float32 batches", "copy_warm", goal=">= 2")
         summary("shuffled copy: loader/sequential cold, float16 batches", "copy_cold16", "seq_cold", goal=">= 0.8")
         summary("shuffled copy: loader/sequential cold, float32 batches", "copy_cold", "seq_cold", goal=">= 0.8")
+
 
 if __name__ == "__main__":
     main()
