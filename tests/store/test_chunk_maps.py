@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
-import os
 import resource
 import threading
 from pathlib import Path
@@ -139,41 +137,3 @@ def test_batch_memory_is_allocated_by_the_thread_that_builds_the_pool():
     worker.join()
     assert len(allocated) == 3 and [t.data_ptr() for t in taken] == allocated
 
-
-def _mapped_rss(address: int) -> int:
-    """Resident bytes of the mapping holding `address` (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:
-            low, high = (int(v, 16) for v in fields[0].split("-"))
-            inside = low <= address < high
-        elif inside and fields[0] == "Rss:":
-            return int(fields[1]) * 1024
-    raise AssertionError("no mapping holds the address")
-
-
-def test_a_cached_chunk_is_mapped_in_one_call_a_cold_one_by_faults(tmp_path: Path):
-    fp16_store = make_store(tmp_path / "wide.zarr", {HOOK: random_rows(6 * 1024, 256, seed=6)}, 1024)  # 512 KiB chunks
-    chunk_file = fp16_store / "acts" / HOOK / "c" / "3" / "0"
-    chunk_file.read_bytes()  # in the page cache
-    reader = StoreReader(fp16_store, verify=False)
-    probe = mmap.mmap(-1, mmap.PAGESIZE)
-    try:
-        probe.madvise(22)  # MADV_POPULATE_READ
-    except OSError:
-        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux >= 5.14)")
-    finally:
-        probe.close()
-    cached = reader.read_chunk(HOOK, 3, keep_map=True)
-    assert cached.nbytes == 512 * 1024 and _mapped_rss(cached.ctypes.data) >= cached.nbytes  # all mapped, none touched
-    cold = fp16_store / "acts" / HOOK / "c" / "5" / "0"
-    fd = os.open(cold, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # only clean pages can be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    on_disk = reader.read_chunk(HOOK, 5, keep_map=True)
-    assert _mapped_rss(on_disk.ctypes.data) == 0  # left to faults: nothing read yet
-    assert np.array_equal(on_disk, StoreReader(fp16_store).read_chunk(HOOK, 5))
