@@ -2,7 +2,7 @@
 
 Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in one run, cold
 (page cache dropped with posix_fadvise(DONTNEED) per chunk file, no root needed) and warm:
-- sequential: every chunk file read in store order into one reused buffer (the disk's best case);
+- sequential: every chunk file read in store order into one reused buffer (a single read stream);
 - loader: one shuffled epoch (a fresh loader: it maps, verifies and faults in every chunk) of
   ActivationLoader batches in float32 (what CPU training steps on: the loader's builder threads
   convert in the gather, pipeline/train/stage.py) and in float16 (the stored dtype: what the
