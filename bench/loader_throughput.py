@@ -129,16 +129,17 @@ def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify
         yield batch[HOOK]
 
 
-EPOCH_SPLITS: list[tuple[float, float]] = []  # each loader_epoch's (seconds to its first batch, the rest)
-
-
-def loader_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True) -> int:
+def loader_epoch(
+    path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True, splits: list | None = None
+) -> int:
+    """Stored bytes of one epoch; `splits` gets its (seconds to the first batch, the rest)."""
     rows, start, first = 0, time.perf_counter(), 0.0
     for batch in _batches(path, n_rows, workers, dtype, verify):
         if not rows:
             first = time.perf_counter() - start
         rows += batch.shape[0]
-    EPOCH_SPLITS.append((first, time.perf_counter() - start - first))
+    if splits is not None:
+        splits.append((first, time.perf_counter() - start - first))
     return rows * D * 2
 
 
@@ -194,12 +195,11 @@ def main() -> None:
                 drop_cache(cold_files)
             results.setdefault(key, []).append(timed(label, run))
 
-        cold_splits: list[tuple[float, float]] = []  # the cold global-shuffle float32 epochs' EPOCH_SPLITS
+        cold_splits: list[tuple[float, float]] = []  # the cold global-shuffle float32 epochs, split
 
         for _ in range(args.repeats):
             record("seq_cold", "sequential read, cold", lambda: sequential_read(files), cold=True)
-            record("loader_cold", "loader shuffled float32, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=True)
-            cold_splits.append(EPOCH_SPLITS[-1])
+            record("loader_cold", "loader shuffled float32, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float32, splits=cold_splits), cold=True)
             record("loader_cold16", "loader shuffled float16, cold", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=True)
             record("unverified_cold16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=True)
             record("copy_cold", "shuffled copy, float32, cold", lambda: loader_epoch(copy, n_rows, args.workers, torch.float32), cold=True)
