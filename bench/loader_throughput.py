@@ -8,7 +8,9 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
   convert in the gather, pipeline/train/stage.py) and in float16 (the stored dtype: what the
   CUDA path gathers, pins and copies to the GPU, which converts);
 - warm only: the second epoch of one float32 loader (a training run's steady state: its chunks
-  are mapped and verified already);
+  are mapped and verified already), and the first float32 epoch once more with the Python gather
+  (SAEFLOW_PYTHON_GATHER=1: np.take, then torch's conversion) in place of the one-pass
+  gather-and-widen kernel (store/widen.py), so the kernel's gain is measured side by side;
 - the float16 epoch once more with verified reads off (loader verify=False): every other loader
   epoch checks each chunk against its recorded checksum, as training does by default;
 - the same epochs on the store's shuffled copy (`saeflow shuffle`, store/shuffled_copy.py, made
@@ -53,6 +55,7 @@ from host import print_host  # noqa: E402
 from pipeline.heap import keep_large_blocks_in_heap  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.shuffled_copy import shuffle_store  # noqa: E402
+from store.widen import describe as describe_gather  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
 D = 768
@@ -143,6 +146,17 @@ def loader_epoch(
     return rows * D * 2
 
 
+def python_gather(run):
+    """run() with the loader's Python gather in place of the compiled kernel (store/widen.py)."""
+    def wrapped() -> int:
+        os.environ["SAEFLOW_PYTHON_GATHER"] = "1"
+        try:
+            return run()
+        finally:
+            del os.environ["SAEFLOW_PYTHON_GATHER"]
+    return wrapped
+
+
 def next_epoch(path: Path, n_rows: int, workers: int, dtype: torch.dtype):
     """A run() for timed(): the first epoch of one loader runs untimed, the call times the second."""
     batches = _batches(path, 2 * n_rows, workers, dtype)
@@ -188,6 +202,7 @@ def main() -> None:
         cold_files = files + chunk_files(copy)  # both dropped before every cold run
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are shared-machine figures)")
         print(f"store: {n_rows} rows x {D} fp16 = {n_rows * D * 2 / 1e9:.2f} GB in {len(files)} chunk files; torch threads {torch.get_num_threads()}")
+        print(f"float32 batches: float16 rows {describe_gather(np.dtype(np.float16))}")
         results: dict[str, list[float]] = {}
 
         def record(key: str, label: str, run, cold: bool) -> None:
@@ -209,6 +224,7 @@ def main() -> None:
             record("seq_warm", "sequential read, warm", lambda: sequential_read(files), cold=False)
             record("loader_warm", "loader shuffled float32, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float32), cold=False)
             record("next_warm", "  its next epoch, same loader", next_epoch(path, n_rows, args.workers, torch.float32), cold=False)
+            record("python_warm", "  the first, Python gather", python_gather(lambda: loader_epoch(path, n_rows, args.workers, torch.float32)), cold=False)
             record("loader_warm16", "loader shuffled float16, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=False)
             record("unverified_warm16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=False)
             record("copy_warm", "shuffled copy, float32, warm", lambda: loader_epoch(copy, n_rows, args.workers, torch.float32), cold=False)
@@ -227,6 +243,7 @@ def main() -> None:
         summary("loader warm GB/s, float32 batches (what CPU training steps on)", "loader_warm", goal=">= 2")
         summary("loader warm GB/s, float32 batches, the next epoch of one loader", "next_warm", goal=">= 2")
         summary("loader warm GB/s, float16 batches (what a CUDA trainer copies)", "loader_warm16", goal=">= 2")
+        summary("loader warm, float32 batches: one-pass kernel / Python gather", "loader_warm", "python_warm")
         summary("loader shuffled/sequential warm, float32 batches", "loader_warm", "seq_warm")
         summary("loader shuffled/sequential cold, float32 batches", "loader_cold", "seq_cold", goal=">= 0.8")
         summary("loader shuffled/sequential cold, float16 batches", "loader_cold16", "seq_cold", goal=">= 0.8")

@@ -43,8 +43,9 @@ class Permutation:
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         x = self._feistel(np.asarray(positions, dtype=np.uint64))
-        outside = x >= self.n
-        while outside.any():
-            x[outside] = self._feistel(x[outside])
-            outside = x >= self.n
+        outside = np.flatnonzero(x >= self.n)  # each walk step maps only the values still outside
+        while len(outside):
+            values = self._feistel(x[outside])
+            x[outside] = values
+            outside = outside[values >= self.n]
         return x.astype(np.int64)

@@ -356,7 +356,10 @@ def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray | slice, team: 
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
-def test_converting_gather_of_a_builder_thread_is_one_call_on_that_thread_and_equals_the_blocked_one():
+def test_converting_gather_of_a_builder_thread_is_one_call_on_that_thread_and_equals_the_blocked_one(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("SAEFLOW_PYTHON_GATHER", "1")  # the Python gather, not the kernel (tests/store/test_widen.py)
     rng = np.random.default_rng(0)
     source = rng.standard_normal((600, 768)).astype(np.float16)  # 460,800 values: above torch's parallel grain
     threads = torch.get_num_threads()
