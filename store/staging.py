@@ -1,6 +1,7 @@
 """Where builder threads gather each batch, and how a finished batch reaches the consumer.
 
-Rows are gathered with np.take (one thread per call, GIL released), by `gather_rows`.
+Rows are gathered by `gather_rows`, one thread per call with the GIL released: np.take, or the
+compiled gather-and-widen kernel (store/widen.py) for float32 batches of 16-bit rows.
 
 - CPU (`HostBatches`): builders gather straight into the training dtype, so the consumer (the
   training loop) only receives finished tensors. A converting gather never starts an OpenMP
@@ -8,11 +9,11 @@ Rows are gathered with np.take (one thread per call, GIL released), by `gather_r
   builder threads run with an OpenMP team of one (`serial_openmp_team`, threadpoolctl: the
   setting is the calling thread's own). A float32 gather of float16 or bfloat16 rows is one
   pass of the compiled gather-and-widen kernel where it was built (store/widen.py); otherwise
-  one np.take into the thread's stored-dtype scratch and one conversion call. Where that setting cannot be made (no OpenMP
-  runtime found), the gather works in blocks below torch's parallel grain size instead: slower
-  (a torch call per ~40 rows), as correct. Batch memory comes from numpy, whose allocator
-  reuses freed pages (torch.empty of a multi-MB tensor returns fresh pages that fault on first
-  write).
+  one np.take into the thread's stored-dtype scratch and one conversion call. Where the team
+  cannot be set to one (no OpenMP runtime found), that conversion works in blocks below torch's
+  parallel grain size instead: slower (a torch call per ~40 rows), as correct. Batch memory
+  comes from numpy, whose allocator reuses freed pages (torch.empty of a multi-MB tensor returns
+  fresh pages that fault on first write).
 - CUDA (`DeviceBatches`): batches are gathered into a small pool of (pinned) staging buffers; the
   consumer copies the stored dtype (half the bytes of float32) with non_blocking and converts on
   the device. A buffer goes back to the pool with an event recorded after its copy, and the
