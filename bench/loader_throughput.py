@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ from host import print_host  # noqa: E402
 from pipeline.heap import keep_large_blocks_in_heap  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.shuffled_copy import shuffle_store  # noqa: E402
-from store.widen import describe as describe_gather  # noqa: E402
+from store.widen import PYTHON_GATHER_ENV, describe as describe_gather  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
 D = 768
@@ -149,11 +150,8 @@ def loader_epoch(
 def python_gather(run):
     """run() with the loader's Python gather in place of the compiled kernel (store/widen.py)."""
     def wrapped() -> int:
-        os.environ["SAEFLOW_PYTHON_GATHER"] = "1"
-        try:
+        with mock.patch.dict(os.environ, {PYTHON_GATHER_ENV: "1"}):
             return run()
-        finally:
-            del os.environ["SAEFLOW_PYTHON_GATHER"]
     return wrapped
 
 

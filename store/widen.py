@@ -24,14 +24,18 @@ try:
 except ImportError:  # not compiled here: the install skipped the optional extension
     _widen = None
 
-_PYTHON_GATHER_ENV = "SAEFLOW_PYTHON_GATHER"
+PYTHON_GATHER_ENV = "SAEFLOW_PYTHON_GATHER"  # "1": the Python gather, kernel or not
 _F16C = bool(_widen is not None and _widen.converts_f16())
 _WIDENS = {np.dtype(np.float16): _F16C, np.dtype(np.uint16): True}  # uint16: bfloat16 bits (store/dtypes.py)
 
 
+def _python_gather_forced() -> bool:
+    return os.environ.get(PYTHON_GATHER_ENV) == "1"  # read per call: the bench switches it in one process
+
+
 def kernel_in_use(stored: np.dtype) -> bool:
     """Whether rows stored as `stored` (bfloat16 as uint16 bits) are widened by the kernel here."""
-    return _widen is not None and os.environ.get(_PYTHON_GATHER_ENV) != "1" and _WIDENS.get(np.dtype(stored), False)
+    return _widen is not None and not _python_gather_forced() and _WIDENS.get(np.dtype(stored), False)
 
 
 def describe(stored: np.dtype) -> str:
@@ -41,8 +45,8 @@ def describe(stored: np.dtype) -> str:
     python = "gathered by np.take, then converted by torch"
     if _widen is None:
         return f"{python} (the compiled kernel was not built in this install)"
-    if os.environ.get(_PYTHON_GATHER_ENV) == "1":
-        return f"{python} ({_PYTHON_GATHER_ENV}=1)"
+    if _python_gather_forced():
+        return f"{python} ({PYTHON_GATHER_ENV}=1)"
     if np.dtype(stored) == np.float16:
         return f"{python} (this CPU has no F16C instructions)"
     return f"{python} (no one-pass kernel for {np.dtype(stored)})"

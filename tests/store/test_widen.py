@@ -17,7 +17,6 @@ from store.loader import ActivationLoader
 from tests.store_fixtures import make_store, random_rows
 
 HOOK = "blocks.0.hook_resid_post"
-PYTHON_GATHER = "SAEFLOW_PYTHON_GATHER"
 needs_kernel = pytest.mark.skipif(widen._widen is None, reason="the compiled kernel was not built in this install")
 needs_f16c = pytest.mark.skipif(not widen._F16C, reason="no compiled kernel, or no F16C on this CPU")
 
@@ -77,7 +76,7 @@ def test_what_the_kernel_does_not_take_is_left_to_the_python_gather(monkeypatch:
     assert not widen.take_widen(source.astype(np.float32), rows, torch.empty(2, 8))  # nothing to widen
     assert not widen.take_widen(source, rows, torch.empty(2, 8, dtype=torch.float64))
     assert not widen.take_widen(source, rows, torch.empty(8, 2).t())  # not contiguous
-    monkeypatch.setenv(PYTHON_GATHER, "1")
+    monkeypatch.setenv(widen.PYTHON_GATHER_ENV, "1")
     assert not widen.take_widen(source, rows, torch.empty(2, 8))
     assert "SAEFLOW_PYTHON_GATHER=1" in widen.describe(np.dtype(np.float16))
 
@@ -100,7 +99,7 @@ def test_loader_batches_are_the_same_with_the_kernel_and_the_python_gather(
 
     assert widen.kernel_in_use(stored.dtype)
     with_kernel = batches()
-    monkeypatch.setenv(PYTHON_GATHER, "1")
+    monkeypatch.setenv(widen.PYTHON_GATHER_ENV, "1")
     python = batches()
     assert len(with_kernel) == 15 and all(b.dtype == torch.float32 for b in with_kernel)
     assert all(torch.equal(a, b) for a, b in zip(with_kernel, python))
