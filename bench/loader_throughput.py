@@ -9,8 +9,9 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
   CUDA path gathers, pins and copies to the GPU, which converts);
 - warm only: the second epoch of one float32 loader (a training run's steady state: its chunks
   are mapped and verified already), and the first float32 epoch once more with the Python gather
-  (SAEFLOW_PYTHON_GATHER=1: np.take, then torch's conversion) in place of the one-pass
-  gather-and-widen kernel (store/widen.py), so the kernel's gain is measured side by side;
+  (SAEFLOW_PYTHON_GATHER=1: each group copied into a group buffer, then np.take and torch's
+  conversion) in place of the compiled one-pass gather straight from the chunk maps
+  (store/gather.py, store/producer.py), so the kernel's gain is measured side by side;
 - the float16 epoch once more with verified reads off (loader verify=False): every other loader
   epoch checks each chunk against its recorded checksum, as training does by default;
 - the same epochs on the store's shuffled copy (`saeflow shuffle`, store/shuffled_copy.py, made
@@ -56,7 +57,7 @@ from host import print_host  # noqa: E402
 from pipeline.heap import keep_large_blocks_in_heap  # noqa: E402
 from store.loader import ActivationLoader  # noqa: E402
 from store.shuffled_copy import shuffle_store  # noqa: E402
-from store.widen import PYTHON_GATHER_ENV, describe as describe_gather  # noqa: E402
+from store.gather import PYTHON_GATHER_ENV  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
 D = 768
@@ -148,7 +149,7 @@ def loader_epoch(
 
 
 def python_gather(run):
-    """run() with the loader's Python gather in place of the compiled kernel (store/widen.py)."""
+    """run() with the loader's Python gather in place of the compiled kernel (store/gather.py)."""
     def wrapped() -> int:
         with mock.patch.dict(os.environ, {PYTHON_GATHER_ENV: "1"}):
             return run()
@@ -200,7 +201,9 @@ def main() -> None:
         cold_files = files + chunk_files(copy)  # both dropped before every cold run
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (timings are shared-machine figures)")
         print(f"store: {n_rows} rows x {D} fp16 = {n_rows * D * 2 / 1e9:.2f} GB in {len(files)} chunk files; torch threads {torch.get_num_threads()}")
-        print(f"float32 batches: float16 rows {describe_gather(np.dtype(np.float16))}")
+        for store, dtype in ((path, torch.float32), (path, torch.float16), (copy, torch.float32)):
+            loader = ActivationLoader(store, HOOK, batch_size=4096, heldout_chunks=0, dtype=dtype)
+            print(f"{'global shuffle' if store == path else 'shuffled copy'}, {dtype} batches: {loader.describe_gather()}")
         results: dict[str, list[float]] = {}
 
         def record(key: str, label: str, run, cold: bool) -> None:
@@ -242,7 +245,7 @@ def main() -> None:
         summary("loader warm GB/s, float32 batches (what CPU training steps on)", "loader_warm", goal=">= 2")
         summary("loader warm GB/s, float32 batches, the next epoch of one loader", "next_warm", goal=">= 2")
         summary("loader warm GB/s, float16 batches (what a CUDA trainer copies)", "loader_warm16", goal=">= 2")
-        summary("loader warm, float32 batches: one-pass kernel / Python gather", "loader_warm", "python_warm")
+        summary("loader warm, float32 batches: compiled gather from the chunk maps / Python gather", "loader_warm", "python_warm")
         summary("loader shuffled/sequential warm, float32 batches", "loader_warm", "seq_warm")
         summary("loader shuffled/sequential cold, float32 batches", "loader_cold", "seq_cold", goal=">= 0.8")
         summary("loader shuffled/sequential cold, float16 batches", "loader_cold16", "seq_cold", goal=">= 0.8")

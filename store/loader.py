@@ -40,6 +40,7 @@ import torch
 
 from store.dtypes import TORCH_DTYPES, numpy_dtype
 from store.format import StoreError
+from store.gather import describe, gathers_from_maps
 from store.producer import END, Group, Producer
 from store.reader import StoreReader
 from store.shuffle import Cursor, Pieces, ShufflePlan
@@ -178,6 +179,7 @@ class ActivationLoader:
             self.reader, self.hooks, self._groups(start), sink, batch_size=self.batch_size, max_rows=self.max_rows,
             start=start, num_workers=self.num_workers, buffer_rows=self.buffer_rows,
             buffer_dtypes=[numpy_dtype(self.reader.store_dtype(h)) for h in self.hooks], keep_maps=self._returns_to_chunks,
+            from_maps=self._gathers_from_maps,
         )
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
@@ -204,6 +206,25 @@ class ActivationLoader:
         """Whether every group reads parts of (nearly) every chunk, so chunks stay mapped
         (store/chunk_maps.py); whole-chunk groups read each chunk once an epoch, in one pread."""
         return self.plan is not None and self.slice_rows < self.reader.chunk_rows
+
+    def _gathered_dtypes(self) -> list[torch.dtype | None]:
+        """The dtype each hook's rows are gathered into (None: as stored): CPU batches are
+        gathered in the training dtype, device batches in the stored one (converted on the device)."""
+        if self.device.type != "cpu":
+            return [None] * len(self.hooks)
+        return [None if out == stored else out for out, stored in zip(self.out_dtypes, self.stored_dtypes)]
+
+    @property
+    def _gathers_from_maps(self) -> bool:
+        """Whether batches are gathered straight from the kept chunk maps (store/producer.py)."""
+        return self._returns_to_chunks and self.reader.keeps_every_map(self.hooks) and all(
+            gathers_from_maps(numpy_dtype(self.reader.store_dtype(h)), out) for h, out in zip(self.hooks, self._gathered_dtypes())
+        )
+
+    def describe_gather(self) -> str:
+        """For logs: how this loader's batches are gathered here (the first hook's)."""
+        stored = self.reader.store_dtype(self.hooks[0])
+        return f"{stored} rows {describe(numpy_dtype(stored), self._gathered_dtypes()[0], self._gathers_from_maps)}"
 
     def _new_sink(self) -> HostBatches | DeviceBatches:
         widths = [self.reader.d(h) for h in self.hooks]

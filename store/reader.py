@@ -175,6 +175,14 @@ class StoreReader:
             self.verify_chunk(name, index, rows)
         return rows
 
+    def keeps_every_map(self, names: list[str]) -> bool:
+        """Whether every chunk of these arrays is a raw local file and all of them fit the kept
+        maps at once (store/chunk_maps.py), so read_chunk(keep_map=True) maps each chunk once."""
+        if self.path.remote:
+            return False
+        layouts = [self._layouts[_array_path(name)] for name in names]
+        return all(layout.raw for layout in layouts) and self.n_chunks * len(names) <= self._maps.limit
+
     def verify_chunk(self, name: str, index: int, rows: np.ndarray) -> None:
         """ChunkError unless `rows`, chunk `index` as read, match the checksum the writer recorded
         (each chunk is checked once per reader)."""

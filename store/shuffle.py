@@ -65,6 +65,15 @@ class Pieces:
         row_edges = np.cumsum(self.stop - self.start)[edges - 1]
         return list(zip(self.chunk[np.concatenate([[0], edges])].tolist(), np.split(rows, row_edges)))
 
+    def locate(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """(the chunks, in buffer order; for each buffer position, the index of its chunk in
+        that list and its row inside the chunk): the group read where it lies."""
+        if not len(self.chunk):
+            return [], np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        first = np.concatenate([[True], np.diff(self.chunk) != 0])  # pieces of one chunk are consecutive
+        which = np.repeat(np.cumsum(first) - 1, self.stop - self.start)
+        return self.chunk[first].tolist(), which, ranges_to_indices(self.start, self.stop)
+
 
 def ranges_to_indices(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """The concatenation of arange(start[i], stop[i]) without a Python loop."""

@@ -1,14 +1,14 @@
 """Where builder threads gather each batch, and how a finished batch reaches the consumer.
 
 Rows are gathered by `gather_rows`, one thread per call with the GIL released: np.take, or the
-compiled gather-and-widen kernel (store/widen.py) for float32 batches of 16-bit rows.
+compiled one-pass gather (store/gather.py) for float32 batches of 16-bit rows.
 
 - CPU (`HostBatches`): builders gather straight into the training dtype, so the consumer (the
   training loop) only receives finished tensors. A converting gather never starts an OpenMP
   team (a team per builder thread would spin on the cores the readers and the trainer need):
   builder threads run with an OpenMP team of one (`serial_openmp_team`, threadpoolctl: the
   setting is the calling thread's own). A float32 gather of float16 or bfloat16 rows is one
-  pass of the compiled gather-and-widen kernel where it was built (store/widen.py); otherwise
+  pass of the compiled gather-and-widen kernel where it was built (store/gather.py); otherwise
   one np.take into the thread's stored-dtype scratch and one conversion call. Where the team
   cannot be set to one (no OpenMP runtime found), that conversion works in blocks below torch's
   parallel grain size instead: slower (a torch call per ~40 rows), as correct. Batch memory
@@ -32,7 +32,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from store.dtypes import STORE_DTYPES, as_stored_numpy, from_stored_numpy
-from store.widen import take_widen
+from store.gather import take_widen
 
 _POLL_S = 0.1  # how often a blocked producer checks whether the consumer went away
 _GRAIN = 32_768  # at::internal::GRAIN_SIZE: elementwise ops below it run on the calling thread
@@ -66,7 +66,7 @@ def gather_rows(source: np.ndarray, rows: np.ndarray | slice, target: np.ndarray
         else:  # mode="clip" skips numpy's buffered bounds check (indices are in range)
             np.take(source, rows, axis=0, out=target, mode="clip")
         return
-    if not isinstance(rows, slice) and take_widen(source, rows, target):  # one pass (store/widen.py)
+    if not isinstance(rows, slice) and take_widen(source, rows, target):  # one pass (store/gather.py)
         return
     store_dtype = _STORE_DTYPE_OF[source.dtype]
     serial = torch.get_num_threads() == 1  # a team of one: the whole part in one conversion call

@@ -30,7 +30,6 @@ from pipeline.train.compare import compare_runs
 from pipeline.train.report import write_heldout_report
 from pipeline.train.run_record import finish_record, finished_here, start_record
 from pipeline.train.trainer import SAETrainer
-from store.dtypes import numpy_dtype
 from store.format import StoreError
 from store.loader import ActivationLoader
 from store.location import StoreLocation
@@ -38,7 +37,6 @@ from store.moments import norm_scale_factor
 from store.reader import StoreReader
 from store.sampling import sample_rows
 from store.split_moments import store_moments
-from store.widen import describe as describe_gather
 
 
 def train(cfg: ExperimentConfig, *, overwrite: bool = False, allow_incomplete: bool = False) -> list[Path]:
@@ -107,9 +105,6 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
 
     if device.type == "cpu":
         keep_large_blocks_in_heap()
-        stored = reader.store_dtype(hooks[0])
-        if writes and stored != "float32":
-            _say(f"loader: {stored} rows {describe_gather(numpy_dtype(stored))}")
     local_batch = batch_size // ranks.world
     # float32 batches for every SAE of a sweep: on the CPU converted in the loader's gather (its
     # builder threads), on CUDA on the device after the copy of the stored dtype.
@@ -121,6 +116,8 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
         device=device, pin_memory=cfg.loader.pin_memory, max_rows=total_steps * local_batch, cursor=cursor,
         rank=ranks.rank, world_size=ranks.world,
     )
+    if writes:
+        _say(f"loader: {loader.describe_gather()}")  # the path a run takes is logged (store/gather.py)
     every = _checkpoint_every_steps(cfg)
     # a failure closes the bar first, so the error line is the last one printed
     with tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,

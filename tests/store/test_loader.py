@@ -17,7 +17,7 @@ from store.loader import ActivationLoader
 from store.rawread import mapped_byte_range, read_mapped_into
 from store.reader import StoreReader
 from store.staging import DeviceBatches, convert_on_this_thread, gather_rows, serial_openmp_team
-from store.widen import PYTHON_GATHER_ENV
+from store.gather import PYTHON_GATHER_ENV
 from store.sampling import sample_rows
 from tests.store_fixtures import make_store, random_rows
 
@@ -360,7 +360,7 @@ def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray | slice, team: 
 def test_converting_gather_of_a_builder_thread_is_one_call_on_that_thread_and_equals_the_blocked_one(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    monkeypatch.setenv(PYTHON_GATHER_ENV, "1")  # the Python gather, not the kernel (tests/store/test_widen.py)
+    monkeypatch.setenv(PYTHON_GATHER_ENV, "1")  # the Python gather, not the kernel (tests/store/test_gather.py)
     rng = np.random.default_rng(0)
     source = rng.standard_normal((600, 768)).astype(np.float16)  # 460,800 values: above torch's parallel grain
     threads = torch.get_num_threads()
