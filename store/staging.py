@@ -1,7 +1,9 @@
 """Where builder threads gather each batch, and how a finished batch reaches the consumer.
 
 Rows are gathered by `gather_rows`, one thread per call with the GIL released: np.take, or the
-compiled one-pass gather (store/gather.py) for float32 batches of 16-bit rows.
+compiled one-pass gather (store/gather.py) for float32 batches of 16-bit rows. (Under the global
+shuffle, store/producer.py may gather straight from the kept chunk maps with that kernel
+instead: the same targets, no group buffer.)
 
 - CPU (`HostBatches`): builders gather straight into the training dtype, so the consumer (the
   training loop) only receives finished tensors. A converting gather never starts an OpenMP
