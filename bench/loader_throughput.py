@@ -11,7 +11,9 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
   are mapped and verified already), and the first float32 epoch once more with the Python gather
   (SAEFLOW_PYTHON_GATHER=1: each group copied into a group buffer, then np.take and torch's
   conversion) in place of the compiled one-pass gather straight from the chunk maps
-  (store/gather.py, store/producer.py), so the kernel's gain is measured side by side;
+  (store/gather.py, store/producer.py), and once with the compiled gather from group buffers
+  (each group copied first, as before the maps were gathered from), so both gains are measured
+  side by side;
 - the float16 epoch once more with verified reads off (loader verify=False): every other loader
   epoch checks each chunk against its recorded checksum, as training does by default;
 - the same epochs on the store's shuffled copy (`saeflow shuffle`, store/shuffled_copy.py, made
@@ -124,9 +126,15 @@ def sequential_read(files: list[Path]) -> int:
     return total
 
 
-def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify: bool = True):
+class GroupBufferLoader(ActivationLoader):
+    """The loader with every group copied into a group buffer first, the compiled gather kept."""
+
+    _gathers_from_maps = False
+
+
+def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify: bool = True, kind=ActivationLoader):
     """Batches of `dtype` as the loader delivers them (float32: converted in its gather)."""
-    loader = ActivationLoader(
+    loader = kind(
         path, HOOK, batch_size=4096, heldout_chunks=0, shuffle_buffer_chunks=8, prefetch_batches=4,
         num_workers=workers, dtype=dtype, max_rows=max_rows, seed=0, verify=verify,
     )
@@ -135,11 +143,12 @@ def _batches(path: Path, max_rows: int, workers: int, dtype: torch.dtype, verify
 
 
 def loader_epoch(
-    path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True, splits: list | None = None
+    path: Path, n_rows: int, workers: int, dtype: torch.dtype, verify: bool = True, splits: list | None = None,
+    kind=ActivationLoader,
 ) -> int:
     """Stored bytes of one epoch; `splits` gets its (seconds to the first batch, the rest)."""
     rows, start, first = 0, time.perf_counter(), 0.0
-    for batch in _batches(path, n_rows, workers, dtype, verify):
+    for batch in _batches(path, n_rows, workers, dtype, verify, kind):
         if not rows:
             first = time.perf_counter() - start
         rows += batch.shape[0]
@@ -227,6 +236,7 @@ def main() -> None:
             record("loader_warm", "loader shuffled float32, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float32, splits=warm_splits), cold=False)
             record("next_warm", "  its next epoch, same loader", next_epoch(path, n_rows, args.workers, torch.float32), cold=False)
             record("python_warm", "  the first, Python gather", python_gather(lambda: loader_epoch(path, n_rows, args.workers, torch.float32)), cold=False)
+            record("buffered_warm", "  the first, from group buffers", lambda: loader_epoch(path, n_rows, args.workers, torch.float32, kind=GroupBufferLoader), cold=False)
             record("loader_warm16", "loader shuffled float16, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float16), cold=False)
             record("unverified_warm16", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float16, verify=False), cold=False)
             record("copy_warm", "shuffled copy, float32, warm", lambda: loader_epoch(copy, n_rows, args.workers, torch.float32), cold=False)
@@ -246,6 +256,7 @@ def main() -> None:
         summary("loader warm GB/s, float32 batches, the next epoch of one loader", "next_warm", goal=">= 2")
         summary("loader warm GB/s, float16 batches (what a CUDA trainer copies)", "loader_warm16", goal=">= 2")
         summary("loader warm, float32 batches: compiled gather from the chunk maps / Python gather", "loader_warm", "python_warm")
+        summary("loader warm, float32 batches: compiled gather from the chunk maps / from group buffers", "loader_warm", "buffered_warm")
         summary("loader shuffled/sequential warm, float32 batches", "loader_warm", "seq_warm")
         summary("loader shuffled/sequential cold, float32 batches", "loader_cold", "seq_cold", goal=">= 0.8")
         summary("loader shuffled/sequential cold, float16 batches", "loader_cold16", "seq_cold", goal=">= 0.8")
