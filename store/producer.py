@@ -9,10 +9,10 @@ compiled gather delivers the batch dtype (store/gather.py), its groups are not c
 loading one only maps and verifies its chunks, and each batch is gathered straight from the maps
 (one row copy fewer, and no group buffers). Each batch's rows are gathered (store/staging.py's
 gather_rows, converting for CPU training) by builder threads as soon as they are planned, then
-finished by a builder; the planner queues each batch's future in order, so batches arrive in
-plan order however many builders run. A buffer is reloaded only after every gather reading it
-has finished; a batch may span any number of groups. A finite stream (max_rows) loads no group
-past the one that completes it.
+finished by the thread that ends its last gather; the planner queues each batch's future in
+order, so batches arrive in plan order however many builders run. A buffer is reloaded only
+after every gather reading it has finished; a batch may span any number of groups. A finite
+stream (max_rows) loads no group past the one that completes it.
 """
 
 from __future__ import annotations
