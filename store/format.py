@@ -68,7 +68,10 @@ def chunk_checksum(data: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM) -> int
     """A 64-bit checksum of an array's raw C-order bytes (the bytes a chunk file holds)."""
     buffer = memoryview(np.ascontiguousarray(data)).cast("B")
     if algorithm == "xxh3_64" and xxhash is not None:
-        return xxhash.xxh3_64_intdigest(buffer)
+        # The same digest as xxh3_64_intdigest, but the hasher releases the GIL for inputs over
+        # 64 KiB (the one-shot function holds it): reader threads verify chunks in parallel and
+        # the rest of the process (gathers, the trainer, the LM forward) runs meanwhile.
+        return xxhash.xxh3_64(buffer).intdigest()
     if algorithm == "blake2b_64":
         return int.from_bytes(hashlib.blake2b(buffer, digest_size=8).digest(), "little")
     raise StoreError(f"checksum algorithm {algorithm!r} is not available here; install xxhash to verify this store")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import zarr
 
-from store.format import StoreError, read_manifest
+from store.format import StoreError, chunk_checksum, read_manifest
 from store.inspect import describe_store
 from store.lock import StoreLock, lock_path
 from store.dtypes import from_stored_numpy
@@ -75,6 +75,15 @@ def stacked(batches: list[dict], key: str) -> np.ndarray:
 
 def stacked_acts(batches: list[dict], hook: str) -> torch.Tensor:
     return torch.cat([b["acts"][hook] for b in batches])
+
+
+@pytest.mark.parametrize("n", [0, 1, 65_535, 65_537, 3_000_001])  # around the hasher's 64 KiB GIL threshold
+def test_chunk_checksums_are_the_xxh3_64_of_the_chunk_bytes(n: int):
+    xxhash = pytest.importorskip("xxhash")
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    assert chunk_checksum(data, "xxh3_64") == xxhash.xxh3_64_intdigest(data.tobytes())  # stores written before
+    rows = np.arange(24, dtype=np.float16).reshape(4, 6)[:, ::2]  # not contiguous: its C-order bytes
+    assert chunk_checksum(rows, "xxh3_64") == xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows).tobytes())
 
 
 @pytest.mark.parametrize("compressor", [None, "zstd"])  # memmap fast path / zarr decoding
