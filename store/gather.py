@@ -62,19 +62,23 @@ def gathers_from_maps(stored: np.dtype, out: torch.dtype | None) -> bool:
 
 
 def describe(stored: np.dtype, out: torch.dtype | None, from_maps: bool) -> str:
-    """For logs: how batches of rows stored as `stored` are gathered in this process."""
+    """For logs: how batches of rows stored as `stored` (delivered as `out`, None: as stored) are
+    gathered in this process, from the kept chunk maps or from group buffers."""
     into = "" if out is None else f" and widened to {str(out).removeprefix('torch.')}"
-    if _mode(stored, out) is not None:
-        where = "straight from the kept chunk maps" if from_maps else "from the group buffers"
-        return f"gathered {where}{into} in one pass (store/_gather.c)"
+    if from_maps:
+        return f"gathered straight from the kept chunk maps{into} in one pass (store/_gather.c)"
+    if out is not None and _mode(stored, out) is not None:
+        return f"gathered from the group buffers{into} in one pass (store/_gather.c)"
     python = "gathered by np.take from the group buffers" + (", then converted by torch" if out is not None else "")
     if _gather is None:
         return f"{python} (the compiled kernel was not built in this install)"
     if _python_gather_forced():
         return f"{python} ({PYTHON_GATHER_ENV}=1)"
+    if out is None:
+        return python
     if np.dtype(stored) == np.float16 and out == torch.float32:
         return f"{python} (this CPU has no F16C instructions)"
-    return f"{python} (no one-pass kernel for {np.dtype(stored)} to {out})"
+    return f"{python} (no one-pass kernel to {out})"
 
 
 def _target_mode(stored: np.dtype, target: np.ndarray | torch.Tensor) -> int | None:

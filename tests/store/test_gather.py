@@ -80,7 +80,7 @@ def test_what_the_kernel_does_not_take_is_left_to_the_python_gather(monkeypatch:
     assert not gather.take_widen(source, rows, torch.empty(8, 2).t())  # not contiguous
     monkeypatch.setenv(gather.PYTHON_GATHER_ENV, "1")
     assert not gather.take_widen(source, rows, torch.empty(2, 8))
-    assert "SAEFLOW_PYTHON_GATHER=1" in gather.describe(np.dtype(np.float16), torch.float32, from_maps=True)
+    assert "SAEFLOW_PYTHON_GATHER=1" in gather.describe(np.dtype(np.float16), torch.float32, from_maps=False)
     assert not gather.gathers_from_maps(np.dtype(np.float16), None)
 
 
