@@ -42,8 +42,8 @@ def _python_gather_forced() -> bool:
 
 def _mode(stored: np.dtype, out: torch.dtype | None) -> int | None:
     """The kernel's mode for rows stored as `stored` delivered as `out` (None: as stored), or
-    None where the kernel does not apply here."""
-    if _gather is None or _python_gather_forced():
+    None where the kernel cannot do it here (the switch aside: see _chosen_mode)."""
+    if _gather is None:
         return None
     if out is None:
         return _COPY
@@ -51,14 +51,20 @@ def _mode(stored: np.dtype, out: torch.dtype | None) -> int | None:
     return None if mode == _WIDEN_F16 and not _F16C else mode
 
 
+def _chosen_mode(stored: np.dtype, out: torch.dtype | None) -> int | None:
+    """_mode, unless SAEFLOW_PYTHON_GATHER=1 asks for the Python gather."""
+    return None if _python_gather_forced() else _mode(stored, out)
+
+
 def kernel_in_use(stored: np.dtype) -> bool:
     """Whether rows stored as `stored` (bfloat16 as uint16 bits) are widened by the kernel here."""
-    return _mode(stored, torch.float32) is not None
+    return _chosen_mode(stored, torch.float32) is not None
 
 
 def gathers_from_maps(stored: np.dtype, out: torch.dtype | None) -> bool:
-    """Whether batches of `out` (None: the stored dtype) can be gathered by `take_from`."""
-    return _mode(stored, out) is not None
+    """Whether a loader starting now gathers batches of `out` (None: the stored dtype) with
+    `take_from`; a loader keeps its choice for its life."""
+    return _chosen_mode(stored, out) is not None
 
 
 def describe(stored: np.dtype, out: torch.dtype | None, from_maps: bool) -> str:
@@ -67,7 +73,7 @@ def describe(stored: np.dtype, out: torch.dtype | None, from_maps: bool) -> str:
     into = "" if out is None else f" and widened to {str(out).removeprefix('torch.')}"
     if from_maps:
         return f"gathered straight from the kept chunk maps{into} in one pass (store/_gather.c)"
-    if out is not None and _mode(stored, out) is not None:
+    if out is not None and _chosen_mode(stored, out) is not None:
         return f"gathered from the group buffers{into} in one pass (store/_gather.c)"
     python = "gathered by np.take from the group buffers" + (", then converted by torch" if out is not None else "")
     if _gather is None:
@@ -82,6 +88,7 @@ def describe(stored: np.dtype, out: torch.dtype | None, from_maps: bool) -> str:
 
 
 def _target_mode(stored: np.dtype, target: np.ndarray | torch.Tensor) -> int | None:
+    """_mode for gathering into `target` (a numpy array of the stored dtype, or a tensor)."""
     if isinstance(target, np.ndarray):
         return _mode(stored, None) if target.dtype == stored and target.flags.c_contiguous else None
     if not target.is_contiguous() or target.device.type != "cpu":
@@ -97,7 +104,7 @@ def take_widen(source: np.ndarray, rows: np.ndarray, target: torch.Tensor) -> bo
     """target[:] = float32(source[rows]) in one pass; False (nothing written) where the kernel
     does not apply: no kernel, a dtype it does not widen, or a target that is not contiguous
     float32 CPU memory."""
-    if isinstance(target, np.ndarray) or not source.flags.c_contiguous:
+    if isinstance(target, np.ndarray) or not source.flags.c_contiguous or _python_gather_forced():
         return False
     mode = _target_mode(source.dtype, target)
     if mode is None or mode == _COPY:
