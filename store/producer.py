@@ -82,12 +82,12 @@ class _Loading:
     """A group being loaded: its reads, and what its gathers read once those are done."""
 
     futures: list[Future]
-    source: Any  # a slot's group buffers, or a callable that makes the group's _MappedRows
+    source: Callable[[], list[np.ndarray] | _MappedRows]  # called once the reads are done
 
     def result(self) -> list[np.ndarray] | _MappedRows:
         for future in self.futures:
             future.result()
-        return self.source() if callable(self.source) else self.source
+        return self.source()
 
 
 @dataclass
@@ -227,22 +227,18 @@ class Producer:
             for hook, buffer in zip(self.hooks, slot.arrays):
                 futures.append(loaders.submit(self._copy_rows, hook, chunk, rows, buffer[row : row + len(rows)]))
             row += len(rows)
-        return _Loading(futures, slot.arrays)
+        return _Loading(futures, lambda: slot.arrays)
 
     def _map(self, group: Group, loaders: ThreadPoolExecutor) -> _Loading:
         """Map and verify the group's chunks (once per reader); its gathers then read the maps."""
         chunks, which, rows = group.pieces.locate()
-        futures = {hook: [loaders.submit(self._mapped_chunk, hook, chunk) for chunk in chunks] for hook in self.hooks}
+        # read_chunk verifies a chunk the first time this reader reads it, before any batch holds its rows
+        futures = {hook: [loaders.submit(self.reader.read_chunk, hook, chunk, keep_map=True) for chunk in chunks]
+                   for hook in self.hooks}
 
         def mapped_rows() -> _MappedRows:
             return _MappedRows([tuple(f.result() for f in futures[hook]) for hook in self.hooks], which, rows)
         return _Loading([f for hook in self.hooks for f in futures[hook]], mapped_rows)
-
-    def _mapped_chunk(self, hook: str, chunk: int) -> np.ndarray:
-        stored = self.reader.read_chunk(hook, chunk, verify=False, keep_map=True)
-        if self.reader.verify:  # before any batch holds its rows
-            self.reader.verify_chunk(hook, chunk, stored)
-        return stored
 
     def _copy_rows(self, hook: str, chunk: int, rows: np.ndarray, target: np.ndarray) -> None:
         """Copy rows of a chunk (indices inside it) into the group buffer, verified before any batch

@@ -58,12 +58,9 @@ class Pieces:
 
     def by_chunk(self) -> list[tuple[int, np.ndarray]]:
         """(chunk, its rows inside the chunk, as indices in buffer order) per chunk."""
-        if not len(self.chunk):
-            return []
-        edges = np.flatnonzero(np.diff(self.chunk)) + 1  # the first piece of each chunk after the first
-        rows = ranges_to_indices(self.start, self.stop)  # one call for all chunks: views of it below
-        row_edges = np.cumsum(self.stop - self.start)[edges - 1]
-        return list(zip(self.chunk[np.concatenate([[0], edges])].tolist(), np.split(rows, row_edges)))
+        chunks, which, rows = self.locate()
+        per_chunk = np.bincount(which, minlength=len(chunks))
+        return list(zip(chunks, np.split(rows, np.cumsum(per_chunk)[:-1])))  # views of one array
 
     def locate(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         """(the chunks, in buffer order; for each buffer position, the index of its chunk in
