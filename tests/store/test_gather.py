@@ -39,24 +39,31 @@ def _float16_with_edge_values(rng: np.random.Generator, n: int, d: int) -> np.nd
 
 
 @needs_f16c
-@pytest.mark.parametrize("d", [768, 13, 3])  # whole 8-wide blocks; blocks and a tail; a tail only
-def test_float16_rows_widen_bit_for_bit_as_torch_converts_them(d: int):
+@pytest.mark.parametrize(("d", "offset"), [
+    (768, 0),  # whole 8-wide blocks into 32-byte aligned rows: the streaming stores
+    (768, 4),  # the same rows 16 bytes off that alignment: ordinary stores
+    (13, 0),  # blocks and a tail
+    (3, 0),  # a tail only
+])
+def test_float16_rows_widen_bit_for_bit_as_torch_converts_them(d: int, offset: int):
     rng = np.random.default_rng(d)
     source = _float16_with_edge_values(rng, 300, d)
     rows = np.concatenate([[0, 1, 2, 3, 299, 0], rng.integers(0, 300, 200)])  # repeats and both ends
-    target = torch.empty(len(rows), d)
+    target = torch.empty(len(rows) * d + offset)[offset:].view(len(rows), d)
+    assert target.data_ptr() % 32 == (16 if offset else 0)  # torch's CPU buffers are 64-byte aligned
     assert gather.take_widen(source, rows, target)
     expected = torch.from_numpy(source[rows]).float()
     assert torch.equal(target.view(torch.int32), expected.view(torch.int32))
 
 
 @needs_kernel
-def test_bfloat16_rows_widen_bit_for_bit():
-    values = torch.randn(200, 40).to(torch.bfloat16)
+@pytest.mark.parametrize(("d", "offset"), [(40, 0), (40, 4), (13, 0)])  # streaming stores; ordinary; a tail
+def test_bfloat16_rows_widen_bit_for_bit(d: int, offset: int):
+    values = torch.randn(200, d).to(torch.bfloat16)
     values[0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
     bits = values.view(torch.int16).numpy().view(np.uint16)  # as a bfloat16 store holds them
     rows = np.random.default_rng(1).permutation(200)
-    target = torch.empty(200, 40)
+    target = torch.empty(200 * d + offset)[offset:].view(200, d)
     assert gather.take_widen(bits, rows, target)
     assert torch.equal(target.view(torch.int32), values[torch.from_numpy(rows)].float().view(torch.int32))
 
