@@ -31,7 +31,6 @@ static inline const char *row_at(const Plan *p, Py_ssize_t i)
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-#endif
 
 /* Widened rows go out by streaming (non-temporal) stores, past the cache: a float32 batch is read
  * much later (after the prefetch queue), from memory anyway, and so each output line costs no
@@ -42,6 +41,7 @@ static int streams(const Plan *p, const float *out)
 {
     return (uintptr_t)out % 32 == 0 && p->d % 8 == 0;
 }
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_F16C_PATH 1
