@@ -8,6 +8,10 @@ damaged on disk is dropped and the chunk fetched anew): a stale or damaged cache
 wrong rows. Files are written to a temporary name and renamed, so concurrent readers and
 processes sharing the folder see whole files or none. Nothing is evicted: delete the folder to
 reclaim the space.
+
+A chunk is returned as a map of its cached file, also right after it was fetched and saved, so
+the reader keeps it mapped and the shuffled loader gathers from it as from a local store's
+chunk (store/chunk_maps.py): a remote chunk is fetched, decoded and checked once per reader.
 """
 
 from __future__ import annotations
@@ -33,11 +37,10 @@ class ChunkCache:
     def load(self, checksum: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
         """The cached rows (a read-only memmap), or None if absent or not matching `checksum`."""
         file = self._file(checksum, dtype, shape)
-        expected = int(np.prod(shape)) * dtype.itemsize
         try:
-            if file.stat().st_size != expected:
+            if file.stat().st_size != int(np.prod(shape)) * dtype.itemsize:
                 raise ValueError
-            rows = np.memmap(file, dtype=dtype, mode="r", shape=shape) if expected else np.zeros(shape, dtype)
+            rows = _mapped(file, dtype, shape)
             if chunk_checksum(rows, self.algorithm) != checksum:
                 raise ValueError
             return rows
@@ -47,11 +50,12 @@ class ChunkCache:
             file.unlink(missing_ok=True)
             return None
 
-    def save(self, checksum: int, rows: np.ndarray) -> None:
-        """Keep `rows` if they match `checksum` (never cache bytes that are not the committed ones)."""
+    def save(self, checksum: int, rows: np.ndarray) -> np.ndarray | None:
+        """Keep `rows` if they match `checksum` (never cache bytes that are not the committed ones):
+        the kept rows as a read-only memmap of their file, or None for rows that do not match."""
         rows = np.ascontiguousarray(rows)
         if chunk_checksum(rows, self.algorithm) != checksum:
-            return
+            return None
         file = self._file(checksum, rows.dtype, rows.shape)
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=file.parent, prefix=".", suffix=".partial")
@@ -62,3 +66,9 @@ class ChunkCache:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+        return _mapped(file, rows.dtype, rows.shape)
+
+
+def _mapped(file: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only map of a cached file (an empty chunk has no bytes to map)."""
+    return np.memmap(file, dtype=dtype, mode="r", shape=shape) if int(np.prod(shape)) else np.zeros(shape, dtype)

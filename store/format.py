@@ -234,7 +234,9 @@ def open_store_group(path: str | Path | StoreLocation, mode: str = "r") -> zarr.
     if not present:
         raise StoreError(f"{location} is not an activation store (no zarr.json); run `saeflow generate` to create one")
     try:
-        return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
+        # zarr_format=3: a store is always zarr v3, and zarr would otherwise also probe for v2
+        # metadata (three more requests each open on object storage)
+        return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise StoreError(
             f"{metadata} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}); the store's "
@@ -242,9 +244,10 @@ def open_store_group(path: str | Path | StoreLocation, mode: str = "r") -> zarr.
         ) from None
 
 
-def read_manifest(path: str | Path | StoreLocation) -> Manifest:
+def read_manifest(path: str | Path | StoreLocation, group: zarr.Group | None = None) -> Manifest:
+    """The manifest of the store at `path`, from its `group` when the caller has it open."""
     path = locate(path)
-    group = open_store_group(path)
+    group = open_store_group(path) if group is None else group
     manifest = group.attrs.get(MANIFEST_KEY)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a zarr group but not a saeflow activation store (no manifest)")

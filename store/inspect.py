@@ -20,8 +20,8 @@ SAMPLE_ROWS, SAMPLE_CHARS = 512, 160  # the text line: the first document's rows
 
 def describe_store(path: str | Path | StoreLocation) -> str:
     path = locate(path)
-    manifest = read_manifest(path)
     group = open_store_group(path)
+    manifest = read_manifest(path, group)
     problems = manifest_problems(manifest) or layout_problems(group, manifest)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""

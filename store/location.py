@@ -2,8 +2,8 @@
 
 A local store keeps the format's fast paths (np.memmap of raw chunk files, an flock()ed writer
 lock). A remote store is read and written through zarr's ObjectStore over obstore, and its other
-objects (the tokenizer folder, the writer lease, raw chunk fetches) through the same obstore
-client: obstore read 2x the MiB/s of s3fs on the same server (bench/remote_read.py), and it has
+objects (the tokenizer folder, the writer lease, raw chunk fetches) through obstore directly
+(one client per location for each, built once): obstore read 2x the MiB/s of s3fs on the same server (bench/remote_read.py), and it has
 conditional puts on every major backend, which the writer lease needs.
 
 Credentials and endpoint come from the standard environment (AWS_ACCESS_KEY_ID,
@@ -72,12 +72,18 @@ class StoreLocation:
             return str(self.local)
         from zarr.storage import ObjectStore
 
-        return ObjectStore(self._client(f"{self.scheme}://{self.bucket}/{self.prefix}"), read_only=read_only)
+        return ObjectStore(self._prefix, read_only=read_only)
 
     # --- objects of a remote store (keys relative to the store) -------------------------
+    # One client each for the life of this location: building one costs milliseconds (its HTTP
+    # connection pool), and a client is safe to share between threads.
     @cached_property
     def _bucket(self) -> Any:
         return self._client(f"{self.scheme}://{self.bucket}")
+
+    @cached_property
+    def _prefix(self) -> Any:
+        return self._client(f"{self.scheme}://{self.bucket}/{self.prefix}")
 
     def _obstore(self) -> Any:
         try:

@@ -59,8 +59,8 @@ class StoreReader:
 
     def __init__(self, path: str | Path | StoreLocation, *, verify: bool = True, cache_dir: str | Path | None = None):
         self.path = locate(path)
-        self.manifest = read_manifest(self.path)
         self._group = open_store_group(self.path)
+        self.manifest = read_manifest(self.path, self._group)
         problems = manifest_problems(self.manifest) or layout_problems(self._group, self.manifest)
         if problems:
             raise StoreError(f"store {self.path} is damaged: {problems[0]}; run `saeflow validate {self.path}`")
@@ -176,12 +176,14 @@ class StoreReader:
         return rows
 
     def keeps_every_map(self, names: list[str]) -> bool:
-        """Whether every chunk of these arrays is a raw local file and all of them fit the kept
-        maps at once (store/chunk_maps.py), so read_chunk(keep_map=True) maps each chunk once."""
-        if self.path.remote:
-            return False
-        layouts = [self._layouts[_array_path(name)] for name in names]
-        return all(layout.raw for layout in layouts) and self.n_chunks * len(names) <= self._maps.limit
+        """Whether every chunk of these arrays is a raw local file (or a remote chunk kept in
+        cache_dir) and all of them fit the kept maps at once (store/chunk_maps.py), so
+        read_chunk(keep_map=True) maps each chunk once."""
+        if self.path.remote:  # with a cache, every chunk is read as a map of its cached file, whatever its codec
+            mappable = self._cache is not None
+        else:
+            mappable = all(self._layouts[_array_path(name)].raw for name in names)
+        return mappable and self.n_chunks * len(names) <= self._maps.limit
 
     def verify_chunk(self, name: str, index: int, rows: np.ndarray) -> None:
         """ChunkError unless `rows`, chunk `index` as read, match the checksum the writer recorded
@@ -287,6 +289,7 @@ class StoreReader:
         checksum = int(self.recorded_checksums(array_path)[index])
         shape = (stop - start, *layout.chunk_shape[1:])
         if self._cache is not None and (cached := self._cache.load(checksum, layout.dtype, shape)) is not None:
+            self._verified.add((array_path, index))  # the cache checked it against the same checksum
             return cached
         if layout.raw and layout.per_shard is None:
             data = self.path.read(self._chunk_key(array_path, index))
@@ -305,8 +308,9 @@ class StoreReader:
                 raise
             except Exception as error:  # noqa: BLE001 - any codec failure means undecodable bytes
                 raise self._damaged(array_path, index, f"cannot be decoded ({type(error).__name__}: {error})") from None
-        if self._cache is not None:
-            self._cache.save(checksum, rows)  # only if the rows match their checksum
+        if self._cache is not None and (cached := self._cache.save(checksum, rows)) is not None:
+            self._verified.add((array_path, index))  # only rows that match their checksum are kept
+            return cached  # a map of the file, kept by read_chunk(keep_map=True) like a local chunk's
         return rows
 
     def _check_raw_size(self, file: Path | str, array_path: str, index: int, layout: _ArrayLayout,

@@ -114,8 +114,8 @@ def load_stats(path: str | Path, hook: str) -> RunningMoments:
 
     They cover manifest["stats"]["rows"] rows: all of a complete store's rows.
     """
-    manifest = read_manifest(path)
     group = open_store_group(path)
+    manifest = read_manifest(path, group)
     problems = stats_problems(group, manifest, hook)
     if problems:
         raise StoreError(f"{path}: {problems[0]}; run `saeflow validate {path}` and regenerate if needed")

@@ -18,8 +18,8 @@ from store.recorded_stats import STATS_ARRAYS, stats_problems
 def validate_store(path: str | Path | StoreLocation) -> list[str]:
     """Problems found in the store at `path`; raises StoreError if it is not a readable store."""
     path = locate(path)
-    manifest = read_manifest(path)
     group = open_store_group(path)
+    manifest = read_manifest(path, group)
     problems = manifest_problems(manifest) or layout_problems(group, manifest)
     if problems:
         return problems  # checksums of a store with the wrong layout would only repeat them

@@ -78,7 +78,7 @@ class StoreWriter:
         self.path = path
         self._lock = lock
         self._group = open_store_group(path, mode="r+")
-        self.manifest = read_manifest(path)
+        self.manifest = read_manifest(path, self._group)
         self.hooks = self.manifest.hooks
         self.chunk_rows = self.manifest.chunk_rows
         self._commit_chunks = int(self.manifest.get("shard_chunks") or 1)

@@ -40,6 +40,16 @@ class S3Server:
         return name
 
 
+
+def upload(local: Path, url: str) -> None:
+    """Copy a local store's files as objects under the store URL `url`."""
+    from store.location import StoreLocation
+
+    location = StoreLocation(url)
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            location.write(file.relative_to(local).as_posix(), file.read_bytes())
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.generate.provenance import load_store_tokenizer
 from store.chunk_cache import ChunkCache
+from store.loader import ActivationLoader
 from store.location import StoreLocation
 from store.reader import StoreReader
 from store.validate import compare_stores
+from tests.s3_server import upload
+from tests.store_fixtures import make_store
 from tests.test_cli import REPO, run_saeflow, saeflow
 
 SMALL = ["--set", "generate.target_tokens=4096", "--set", "train.total_tokens=8192", "--set", "loader.heldout_chunks=1"]
@@ -157,14 +161,39 @@ def test_the_chunk_cache_never_returns_rows_that_do_not_match_their_checksum(tmp
     from store.format import chunk_checksum
 
     checksum = chunk_checksum(rows, "xxh3_64")
-    cache.save(checksum ^ 1, rows)  # rows that are not those of this checksum are not kept
+    assert cache.save(checksum ^ 1, rows) is None  # rows that are not those of this checksum are not kept
     assert cache.load(checksum ^ 1, rows.dtype, rows.shape) is None
-    cache.save(checksum, rows)
+    saved = cache.save(checksum, rows)  # the kept rows, as a map of their file
+    assert isinstance(saved, np.memmap) and np.array_equal(saved, rows)
     assert np.array_equal(cache.load(checksum, rows.dtype, rows.shape), rows)
     (file,) = tmp_path.rglob("*.bin")
     file.write_bytes(bytes(reversed(file.read_bytes())))  # damaged on disk: dropped, never returned
     assert cache.load(checksum, rows.dtype, rows.shape) is None and not file.exists()
 
+
+
+@pytest.mark.parametrize("layout", [{}, dict(shard_chunks=2), dict(compressor="zstd")])
+def test_a_remote_store_with_a_cache_is_gathered_from_kept_maps_of_its_cached_chunks(s3, tmp_path, layout):
+    """With loader.cache_dir every remote chunk, whatever its codec, is fetched and decoded once,
+    then read as a map of its cached file, kept, and gathered in one pass like a local chunk:
+    the same batches as the local store, in the fetching epoch and from the cache."""
+    rows = np.random.default_rng(0).standard_normal((640, 16)).astype(np.float16)
+    local = make_store(tmp_path / "local.zarr", {"h": rows}, 64, **layout)
+    url = f"s3://{s3.new_bucket()}/cached.zarr"
+    upload(local, url)
+    settings = dict(batch_size=96, seed=3, heldout_chunks=0, slice_rows=8, max_rows=1280)  # two epochs
+    expected = [batch["h"] for batch in ActivationLoader(local, "h", **settings)]
+    assert "kept chunk maps" not in ActivationLoader(StoreReader(url), "h", **settings).describe_gather()
+    cache = tmp_path / "cache"
+    for run in ("fetching", "cached"):
+        reader = StoreReader(url, cache_dir=cache)
+        loader = ActivationLoader(reader, "h", **settings)
+        assert "straight from the kept chunk maps" in loader.describe_gather(), run
+        assert all(torch.equal(ours["h"], theirs) for ours, theirs in zip(loader, expected, strict=True)), run
+        kept = reader.read_chunk("h", 0, keep_map=True)
+        assert isinstance(kept, np.memmap) and Path(kept.filename).is_relative_to(cache), run
+        assert reader.read_chunk("h", 0, keep_map=True) is kept, run  # mapped once per reader
+    assert len(list(cache.rglob("*.bin"))) == 10
 
 def test_a_store_url_without_a_path_is_refused():
     with pytest.raises(Exception, match="needs a bucket and a path"):
