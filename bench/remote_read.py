@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=32 * CHUNK_ROWS, help="rows of the store (default 0.4 GB)")
     parser.add_argument("--workers", type=int, default=4, help="loader reader threads (concurrent fetches)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each ratio is the best round's, every round's range beside it")
     args = parser.parse_args()
     print_host()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
@@ -91,11 +91,11 @@ def main() -> None:
             files = chunk_files(local)
             print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; store {args.rows} rows x {D} fp16 = "
                   f"{args.rows * D * 2 / 1e9:.2f} GB in {len(files)} chunks; {args.workers} reader threads")
-            best: dict[str, float] = {}
+            results: dict[str, list[float]] = {}
             opens: dict[str, list[float]] = {"local": [], "s3": []}
 
             def record(key: str, label: str, run) -> None:
-                best[key] = max(best.get(key, 0.0), timed(label, run))
+                results.setdefault(key, []).append(timed(label, run))
 
             def record_epoch(key: str, label: str, store, cache: Path | None = None) -> None:
                 reader, seconds = opened(store, cache)
@@ -109,6 +109,7 @@ def main() -> None:
                 record_epoch("s3", "s3, no cache", url)
                 cache = tmp / f"cache{round_}"
                 record_epoch("s3_fill", "s3, cache_dir first epoch", url, cache)
+                os.sync()  # untimed: the next epoch reads the cache, it does not wait on its writeback
                 record_epoch("s3_cached", "s3, cache_dir second epoch", url, cache)
                 keys = [file.relative_to(local).as_posix() for file in files]
                 record("get_obstore", "raw GETs, obstore", lambda: client_read(StoreLocation(url), keys, args.workers, "obstore"))
@@ -118,11 +119,18 @@ def main() -> None:
             stop_s3_server(server)
         print("store open, median ms (before each epoch, not in its time): "
               + ", ".join(f"{where} {statistics.median(seconds) * 1e3:.0f}" for where, seconds in opens.items()))
-        if "get_s3fs" in best:
-            print(f"raw GETs obstore / s3fs: {best['get_obstore'] / best['get_s3fs']:.2f} (why saeflow reads through obstore)")
-        print(f"s3 (no cache) / local cold: {best['s3'] / best['local_cold']:.2f}")
-        print(f"s3 first epoch with cache_dir / local cold: {best['s3_fill'] / best['local_cold']:.2f}")
-        print(f"s3 second epoch from cache_dir / local warm: {best['s3_cached'] / best['local_warm']:.2f} (goal >= 0.9)")
+
+        def ratio(label: str, key: str, baseline: str, goal: str = "") -> None:
+            """The best round's ratio (of the two runs of one round), and every round's range."""
+            rounds = [a / b for a, b in zip(results[key], results[baseline])]
+            spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+            print(f"{label}: {max(rounds):.2f}{spread}" + (f" (goal {goal})" if goal else ""))
+
+        if "get_s3fs" in results:
+            ratio("raw GETs obstore / s3fs (why saeflow reads through obstore)", "get_obstore", "get_s3fs")
+        ratio("s3 (no cache) / local cold", "s3", "local_cold")
+        ratio("s3 first epoch with cache_dir / local cold", "s3_fill", "local_cold")
+        ratio("s3 second epoch from cache_dir / local warm", "s3_cached", "local_warm", goal=">= 0.9")
 
 
 if __name__ == "__main__":
