@@ -207,6 +207,12 @@ class ActivationLoader:
         (store/chunk_maps.py); whole-chunk groups read each chunk once an epoch, in one pread."""
         return self.plan is not None and self.slice_rows < self.reader.chunk_rows
 
+    @property
+    def refetches_remote_chunks(self) -> bool:
+        """Whether every shuffle group fetches again each remote chunk it takes rows from: a
+        store on object storage read in slices smaller than a chunk, without a chunk cache."""
+        return self._returns_to_chunks and self.reader.path.remote and not self.reader.caches_chunks
+
     def _gathered_dtypes(self) -> list[torch.dtype | None]:
         """The dtype each hook's rows are gathered into (None: as stored): CPU batches are
         gathered in the training dtype, device batches in the stored one (converted on the device)."""

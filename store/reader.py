@@ -71,6 +71,11 @@ class StoreReader:
         self._cache = ChunkCache(cache_dir, self.manifest["checksum_algorithm"]) if cache_dir and remote else None
         self._maps = ChunkMaps()  # read_chunk(keep_map=True): store/chunk_maps.py
 
+    @property
+    def caches_chunks(self) -> bool:
+        """Whether fetched chunks are kept in a local cache_dir (a remote store given one)."""
+        return self._cache is not None
+
     def close(self) -> None:
         """Release the chunk maps kept by read_chunk(keep_map=True); the reader stays usable."""
         self._maps.close()
@@ -180,7 +185,7 @@ class StoreReader:
         cache_dir) and all of them fit the kept maps at once (store/chunk_maps.py), so
         read_chunk(keep_map=True) maps each chunk once."""
         if self.path.remote:  # with a cache, every chunk is read as a map of its cached file, whatever its codec
-            mappable = self._cache is not None
+            mappable = self.caches_chunks
         else:
             mappable = all(self._layouts[_array_path(name)].raw for name in names)
         return mappable and self.n_chunks * len(names) <= self._maps.limit

@@ -73,9 +73,10 @@ def test_training_from_s3_equals_training_from_the_local_store(local_run, remote
     local = (local_run / "results" / "tiny" / "sae" / "sae.safetensors").read_bytes()
     cache = tmp_path / "cache"
     for out in ("cold", "cached"):  # the second run reads every chunk from the local cache
-        saeflow("train", "tiny.yaml", *SMALL, "--set", f"generate.store={remote_store}", "--set", f"loader.cache_dir={cache}",
-                "--set", f"train.out_dir={tmp_path / out}", cwd=local_run)
+        log = saeflow("train", "tiny.yaml", *SMALL, "--set", f"generate.store={remote_store}", "--set", f"loader.cache_dir={cache}",
+                      "--set", f"train.out_dir={tmp_path / out}", cwd=local_run).stderr
         assert (tmp_path / out / "sae" / "sae.safetensors").read_bytes() == local, out
+        assert "gathered straight from the kept chunk maps" in log and "loader.cache_dir is not set" not in log, out
         cached = sorted(cache.rglob("*.bin"))
         assert len(cached) == 8  # every chunk of its one hook: 7 to train, 1 held out for the final metrics
     record = json.loads((tmp_path / "cold" / "sae" / "run.json").read_text())
@@ -204,7 +205,9 @@ def test_storage_options_are_never_recorded(local_run, remote_store, tmp_path):
     config = yaml.safe_load((local_run / "tiny.yaml").read_text())
     config["generate"]["storage_options"] = {"region": "us-east-1"}
     (tmp_path / "options.yaml").write_text(yaml.safe_dump(config))
-    saeflow("train", str(tmp_path / "options.yaml"), *SMALL, "--set", f"generate.store={remote_store}",
-            "--set", f"train.out_dir={tmp_path / 'run'}", cwd=local_run)
+    log = saeflow("train", str(tmp_path / "options.yaml"), *SMALL, "--set", f"generate.store={remote_store}",
+                  "--set", f"train.out_dir={tmp_path / 'run'}", cwd=local_run).stderr
     record = json.loads((tmp_path / "run" / "sae" / "run.json").read_text())
     assert record["config"]["generate"]["storage_options"] == {"region": "<not recorded>"}
+    # without a chunk cache, the run says what the global shuffle costs on object storage
+    assert f"{remote_store} is on object storage and loader.cache_dir is not set" in log

@@ -118,6 +118,10 @@ def _train_variants(cfg: ExperimentConfig, variants: list[tuple[str, ExperimentC
     )
     if writes:
         _say(f"loader: {loader.describe_gather()}")  # the path a run takes is logged (store/gather.py)
+        if loader.refetches_remote_chunks:
+            _say(f"{reader.path} is on object storage and loader.cache_dir is not set: each of an epoch's "
+                 f"{loader.plan.groups_per_epoch} shuffle groups fetches every chunk again; set loader.cache_dir "
+                 "to a local folder (or loader.slice_rows to the store's chunk rows)")
     every = _checkpoint_every_steps(cfg)
     # a failure closes the bar first, so the error line is the last one printed
     with tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,

@@ -330,8 +330,9 @@ def test_conversion_on_this_thread_matches_copy():
         assert torch.equal(target, source.float())
 
 
-def _threads() -> int:
-    return len(list(Path("/proc/self/task").iterdir()))
+def _threads() -> set[str]:
+    """This process's thread ids (a set: threads of earlier tests that end meanwhile do not count)."""
+    return {task.name for task in Path("/proc/self/task").iterdir()}
 
 
 def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray | slice, team: int | None) -> tuple[torch.Tensor, int, int]:
@@ -348,7 +349,7 @@ def _gather_on_a_new_thread(source: np.ndarray, rows: np.ndarray | slice, team: 
         target = torch.empty(len(source[rows]), source.shape[1])
         before = _threads()
         gather_rows(source, rows, target)
-        result.update(batch=target, team=torch.get_num_threads(), started=_threads() - before)
+        result.update(batch=target, team=torch.get_num_threads(), started=len(_threads() - before))
 
     thread = threading.Thread(target=work)
     thread.start()
