@@ -16,12 +16,14 @@ chunk (store/chunk_maps.py): a remote chunk is fetched, decoded and checked once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from store.errors import StoreError
 from store.format import chunk_checksum
 
 
@@ -38,16 +40,19 @@ class ChunkCache:
         """The cached rows (a read-only memmap), or None if absent or not matching `checksum`."""
         file = self._file(checksum, dtype, shape)
         try:
-            if file.stat().st_size != int(np.prod(shape)) * dtype.itemsize:
+            size = file.stat().st_size
+        except OSError:  # absent, or the folder is unusable (save() says so)
+            return None
+        try:
+            if size != int(np.prod(shape)) * dtype.itemsize:
                 raise ValueError
             rows = _mapped(file, dtype, shape)
             if chunk_checksum(rows, self.algorithm) != checksum:
                 raise ValueError
             return rows
-        except FileNotFoundError:
-            return None
         except (ValueError, OSError):
-            file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a file that cannot be dropped is replaced by save()
+                file.unlink(missing_ok=True)
             return None
 
     def save(self, checksum: int, rows: np.ndarray) -> np.ndarray | None:
@@ -57,16 +62,26 @@ class ChunkCache:
         if chunk_checksum(rows, self.algorithm) != checksum:
             return None
         file = self._file(checksum, rows.dtype, rows.shape)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=file.parent, prefix=".", suffix=".partial")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=file.parent, prefix=".", suffix=".partial")
+        except OSError as error:
+            raise self._unwritable(error) from None
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(memoryview(rows).cast("B"))
             os.replace(temporary, file)
+        except OSError as error:  # a full disk
+            Path(temporary).unlink(missing_ok=True)
+            raise self._unwritable(error) from None
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
         return _mapped(file, rows.dtype, rows.shape)
+
+    def _unwritable(self, error: OSError) -> StoreError:
+        return StoreError(f"cannot keep a fetched chunk in loader.cache_dir {self.directory} ({error.strerror or error}); "
+                          "free space there, or set loader.cache_dir to another local folder (null: no cache)")
 
 
 def _mapped(file: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

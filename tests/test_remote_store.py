@@ -196,6 +196,15 @@ def test_a_remote_store_with_a_cache_is_gathered_from_kept_maps_of_its_cached_ch
         assert reader.read_chunk("h", 0, keep_map=True) is kept, run  # mapped once per reader
     assert len(list(cache.rglob("*.bin"))) == 10
 
+
+def test_a_cache_dir_that_cannot_be_written_is_one_clear_line(local_run, remote_store, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the cache's folders cannot be made under a file
+    line = last_error_line(run_saeflow(
+        "train", "tiny.yaml", *SMALL, "--set", f"generate.store={remote_store}", "--set", f"loader.cache_dir={blocked}",
+        "--set", f"train.out_dir={tmp_path / 'run'}", cwd=local_run))
+    assert f"cannot keep a fetched chunk in loader.cache_dir {blocked}" in line and "another local folder" in line
+
 def test_a_store_url_without_a_path_is_refused():
     with pytest.raises(Exception, match="needs a bucket and a path"):
         StoreLocation("s3://bucket-only")
