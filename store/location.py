@@ -3,8 +3,9 @@
 A local store keeps the format's fast paths (np.memmap of raw chunk files, an flock()ed writer
 lock). A remote store is read and written through zarr's ObjectStore over obstore, and its other
 objects (the tokenizer folder, the writer lease, raw chunk fetches) through obstore directly
-(one client per location for each, built once): obstore read 2x the MiB/s of s3fs on the same server (bench/remote_read.py), and it has
-conditional puts on every major backend, which the writer lease needs.
+(one client per location for each, built once): obstore read 2x the MiB/s of s3fs on the same
+server (bench/remote_read.py), and it has conditional puts on every major backend, which the
+writer lease needs.
 
 Credentials and endpoint come from the standard environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION, GOOGLE_APPLICATION_CREDENTIALS, ...) or from

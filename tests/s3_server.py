@@ -40,7 +40,6 @@ class S3Server:
         return name
 
 
-
 def upload(local: Path, url: str) -> None:
     """Copy a local store's files as objects under the store URL `url`."""
     from store.location import StoreLocation
@@ -49,6 +48,7 @@ def upload(local: Path, url: str) -> None:
     for file in sorted(local.rglob("*")):
         if file.is_file():
             location.write(file.relative_to(local).as_posix(), file.read_bytes())
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
