@@ -67,9 +67,10 @@ class SAEConfig(StrictModel):
     # topk: "sparse" = embedding_bag over the k kept latents, decoder and encoder gradient in
     # O(B*k*d_model); "dense" = (B, d_sae) @ W_dec with autograd; "auto" = sparse when
     # top_k <= d_sae / 8, the break-even measured on the CPU (bench/sae_step.py: 1.1x there, 3x at
-    # d_sae/96; model.SPARSE_TOPK_MIN_RATIO holds it per device type).
+    # d_sae/96), and timed on the running device near it or where none was measured
+    # (pipeline/sae/decode_path.py).
     topk_decode: Literal["auto", "sparse", "dense"] = "auto"
-    """topk decoder path: sparse (embedding_bag), dense (matmul), auto (sparse if top_k <= d_sae/8)"""
+    """topk decoder path: sparse (embedding_bag), dense (matmul), auto (sparse if top_k <= d_sae/8; timed on the device near that ratio)"""
     dtype: torch.dtype = torch.float32
     """dtype of the SAE's parameters (float32, bfloat16, float16)"""
     device: str = "auto"

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from pipeline.config import resolve_device
 from pipeline.sae.activation_fns import batch_topk_mask, heaviside_step, jumprelu, update_batchtopk_threshold
+from pipeline.sae import decode_path
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.sparse_topk import (
     LatentGroups,
@@ -43,10 +44,6 @@ from pipeline.sae.sparse_topk import (
 
 # Momentum of the running BatchTopK inference threshold (SAELens' topk_threshold_lr).
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.01
-# topk_decode "auto": the sparse path once d_sae >= ratio * k, per device type, as
-# `bench/sae_step.py --scan` measures the crossover (8 on the CPUs measured). No CUDA run is on
-# record yet, so other devices use the CPU's ratio until that bench has run on one.
-SPARSE_TOPK_MIN_RATIO = {"cpu": 8}
 _NORM_EPS = 1e-8
 
 
@@ -319,13 +316,36 @@ class SparseAutoencoder(nn.Module):
         """Whether forward takes the sparse TopK path (k: the k in effect, default top_k)."""
         if not self.cfg.act.row_top_k or self.cfg.topk_decode == "dense":
             return False
-        ratio = SPARSE_TOPK_MIN_RATIO.get(self.W_enc.device.type, SPARSE_TOPK_MIN_RATIO["cpu"])
-        return self.cfg.topk_decode == "sparse" or (k or self.cfg.top_k) * ratio <= self.cfg.d_sae
+        return self.cfg.topk_decode == "sparse" or decode_path.is_sparse(self._decode_problem(k or self.cfg.top_k))
+
+    def settle_decode_path(self, x: Tensor, k: int | None = None, agree=None) -> None:
+        """Under topk_decode "auto", time both TopK paths on the training batch x (normalized) where
+        pipeline/sae/decode_path.py says the choice needs it; run before the step's forward, in its
+        autocast. agree: makes every rank's choice the same (distributed)."""
+        if self.cfg.topk_decode != "auto" or not self.cfg.act.row_top_k or x.dim() != 2:
+            return
+        k = k or self.cfg.top_k
+        rows = x[: decode_path.PROBE_ROWS].detach()
+        params = [p for p in self.parameters() if p.requires_grad]
+
+        def step(sparse: bool) -> None:
+            x_hat, _ = self._forward_on(rows, k, sparse)
+            torch.autograd.grad(x_hat.float().square().sum(), params, allow_unused=True)  # .grad untouched
+        decode_path.settle(self._decode_problem(k), x.shape[0], step, agree)
+
+    def _decode_problem(self, k: int) -> decode_path.Problem:
+        device = self.W_enc.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.W_enc.dtype
+        return decode_path.Problem(device, str(dtype).removeprefix("torch."), self.cfg.d_model, self.cfg.d_sae, k,
+                                   self.cfg.use_glu_encoder)
 
     def forward(self, x: Tensor, k: int | None = None) -> tuple[Tensor, SAEOutput]:
         """Normalized x (B, d_model) -> (x_hat, SAEOutput). k overrides top_k (k schedules)."""
         k = k or self.cfg.top_k
-        if x.dim() == 2 and self.uses_sparse_path(k):
+        return self._forward_on(x, k, x.dim() == 2 and self.uses_sparse_path(k))
+
+    def _forward_on(self, x: Tensor, k: int, sparse: bool) -> tuple[Tensor, SAEOutput]:
+        if sparse:
             values, groups, hidden_pre = self._encode_sparse(x, k)
             x_hat = self.decode_sparse(values, groups)  # one sort of the indices for both gradients
             return x_hat, SAEOutput(hidden_pre, None, values, groups.indices)

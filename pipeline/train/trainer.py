@@ -17,6 +17,7 @@ import torch
 from pipeline.config import ConfigError, ExperimentConfig, recorded_config
 from pipeline.distributed import SINGLE, Ranks
 from pipeline.files import append_line, remove_temporaries, write_text_atomically
+from pipeline.sae.decode_path import decode_choices, pin_decode_choices
 from pipeline.sae.encoder_kernel import kernel_choices, pin_kernel_choices
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
@@ -104,6 +105,8 @@ class SAETrainer:
             torch.autocast(x.device.type, dtype=TORCH_DTYPES[cfg.autocast_dtype]) if cfg.autocast_dtype else nullcontext()
         )
         with autocast:
+            # once per problem: which TopK path is faster here, timed outside DDP, the same on every rank
+            sae.settle_decode_path(x, k, agree=self.ranks.broadcast_json if self.ranks.distributed else None)
             x_hat, out = self.forward(x, k) if k is not None else self.forward(x)
         x_hat = x_hat.float()
         # one pass over the activations serves dead-latent tracking and logs; every rank's counts
@@ -218,6 +221,7 @@ class SAETrainer:
             "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
             "log_window": window_info,  # the steps since the last log line: a resumed log matches
             "encoder_kernels": kernel_choices(),  # a resume computes with the same kernels: bitwise
+            "topk_decode_paths": decode_choices(),  # and takes the same TopK paths
         }
         return save_checkpoint(
             self.checkpoint_dir,
@@ -250,6 +254,7 @@ class SAETrainer:
         if info.get("grad_scaler"):
             self.scaler.load_state_dict(info["grad_scaler"])
         pin_kernel_choices(info.get("encoder_kernels") or {})
+        pin_decode_choices(info.get("topk_decode_paths") or {})
         if info.get("log_window"):
             window = {key[len("window."):]: value for key, value in extras.items() if key.startswith("window.")}
             if self.ranks.main:

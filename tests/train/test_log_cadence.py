@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.sae import decode_path
 from pipeline.train.checkpoint import checkpoint_path, read_info
 from pipeline.train.stage import train
 
@@ -46,3 +47,16 @@ def test_a_checkpoint_records_the_encoder_kernel_its_steps_used(store, tmp_path)
     (directory,) = run(store, tmp_path / "kernels", "train.checkpoint_every_tokens=2048")
     info = read_info(checkpoint_path(directory / "checkpoints", 8))
     assert info["encoder_kernels"]["256x64->256 float32"] == "matmul"  # too small a problem to time
+
+
+def test_a_checkpoint_records_the_topk_path_its_steps_timed(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(decode_path, "PROBE_MIN_MACS", 0)  # time the tiny problem (d_sae / k = 32: in the band)
+    decode_path.forget_decode_choices()
+    try:
+        (directory,) = run(store, tmp_path / "paths", "train.checkpoint_every_tokens=2048")
+        info = read_info(checkpoint_path(directory / "checkpoints", 8))
+        (path,) = info["topk_decode_paths"].values()
+        assert info["topk_decode_paths"] == {"cpu float32 64->256 k<=8": path}
+        assert f"topk decode for cpu float32 64->256 k<=8: {path} (" in capsys.readouterr().err
+    finally:
+        decode_path.forget_decode_choices()
