@@ -8,7 +8,8 @@ between torch.cuda.synchronize() calls), else on the CPU.
 
 Crossover: the --scan expansion factors are timed in increasing order until sparse wins; the
 first ratio d_sae / k where it does is printed as `sparse/dense TopK crossover on <device>:
-k*<r> <= d_sae` (the rule topk_decode: auto applies, with r = 8 measured on the CPU).
+k*<r> <= d_sae` (the table topk_decode: auto starts from, pipeline/sae/decode_path.py, with r = 8
+measured on the CPU; near r, and on a device it has no r for, a run times both paths itself).
 
 AuxK (--aux): the sparse step with AuxK on (a share of latents planted dead) against off, each
 AuxK decode timed: dead columns by matmul, and gathered (embedding_bag), the two
