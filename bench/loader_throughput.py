@@ -264,9 +264,17 @@ def main() -> None:
         if best["seq_cold"] > 0.8 * best["seq_warm"]:
             print("note: cold and warm sequential reads are alike: the page cache was probably not dropped")
 
+        def per_round(key: str, baseline: str | None = None) -> list[float]:
+            """Each round's figure (a ratio: of the two runs of one round)."""
+            return results[key] if baseline is None else [a / b for a, b in zip(results[key], results[baseline])]
+
+        def best_round(key: str, baseline: str | None = None) -> int:
+            rounds = per_round(key, baseline)
+            return rounds.index(max(rounds))
+
         def summary(label: str, key: str, baseline: str | None = None, goal: str = "") -> None:
-            """The best round (a ratio: of the two runs of one round) and every round's value."""
-            rounds = results[key] if baseline is None else [a / b for a, b in zip(results[key], results[baseline])]
+            """The best round and every round's value."""
+            rounds = per_round(key, baseline)
             spread = "" if len(rounds) < 2 else f", rounds {min(rounds):.2f}-{max(rounds):.2f}"
             print(f"{label} (best of {len(rounds)}{spread}): {max(rounds):.2f}" + (f" (goal {goal})" if goal else ""))
 
@@ -279,7 +287,7 @@ def main() -> None:
         summary("loader shuffled/sequential cold, float32 batches", "loader_cold", "seq_cold", goal=">= 0.8")
         summary("loader shuffled/sequential cold, float16 batches", "loader_cold16", "seq_cold", goal=">= 0.8")
         # Why the cold global shuffle falls short: its first batch waits for every chunk.
-        round_ = max(range(len(cold_splits)), key=lambda i: results["loader_cold"][i] / results["seq_cold"][i])
+        round_ = best_round("loader_cold", "seq_cold")
         first, rest = cold_splits[round_]
         seq_s = n_rows * D * 2 / 1e9 / results["seq_cold"][round_]
         print(
@@ -288,7 +296,7 @@ def main() -> None:
             f"epoch; 0.8 needs the rest within {max(0.0, seq_s / 0.8 - first):.2f} s"
         )
         # What a fresh loader's first epoch spends beyond a loader's next one: the wait for its first batch.
-        round_ = max(range(len(warm_splits)), key=lambda i: results["loader_warm"][i])
+        round_ = best_round("loader_warm")
         first, rest = warm_splits[round_]
         print(
             f"global shuffle warm, float32, that round: a fresh loader's first batch after {first:.2f} s (every chunk "
@@ -299,7 +307,7 @@ def main() -> None:
         summary("verified/unverified loader, float16 batches, warm", "loader_warm16", "unverified_warm16", goal=">= 0.95")
         # Why verifying a warm store costs more than 5% where memory is slow: the checksums read every
         # chunk once more through memory, and under the global shuffle before the first batch.
-        round_ = max(range(len(results["loader_warm16"])), key=lambda i: results["loader_warm16"][i] / results["unverified_warm16"][i])
+        round_ = best_round("loader_warm16", "unverified_warm16")
         epoch_s, sums_s = (n_rows * D * 2 / 1e9 / results[key][round_] for key in ("unverified_warm16", "checksums_warm"))
         print(
             f"verified warm, float16, that round: the unverified epoch took {epoch_s:.2f} s; the checksums alone "

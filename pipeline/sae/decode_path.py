@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.sae.encoder_kernel import PROBE_MIN_MACS  # rows * d_model * d_sae: the same floor as that probe
+
 SPARSE_TOPK_MIN_RATIO = {"cpu": 8}
 PROBE_BAND = 4  # timed when d_sae / k is within [ratio / 4, ratio * 4] of the table's crossover
-PROBE_MIN_MACS = 2**27  # rows * d_model * d_sae, as the encoder-kernel probe (encoder_kernel.py)
 PROBE_ROWS = 1024  # both paths scale with the rows alike: a quarter of a 4096-row batch is enough
 PROBE_ROUNDS = 2  # timed calls of each path (the fastest counts), after one untimed call
 PROBE_MARGIN = 0.9  # the other path must take < 90% of the table's path's time to replace it
@@ -70,10 +71,15 @@ def needs_probe(problem: Problem, rows: int) -> bool:
     return ratio is None or ratio / PROBE_BAND <= problem.d_sae / problem.k <= ratio * PROBE_BAND
 
 
+def undecided(problem: Problem, rows: int) -> bool:
+    """Whether settle would time this problem: no choice kept for it, and needs_probe."""
+    return problem.key not in _chosen and needs_probe(problem, rows)
+
+
 def settle(problem: Problem, rows: int, step: Step, agree: Callable[[bool], bool] | None = None) -> None:
-    """Time both paths with `step` once per problem key where needs_probe says so (agree: every
-    rank's choice made the same, e.g. rank 0's broadcast), then keep the result."""
-    if problem.key in _chosen or not needs_probe(problem, rows):
+    """Time both paths with `step` once per problem key where undecided (agree: every rank's choice
+    made the same, e.g. rank 0's broadcast), then keep the result."""
+    if not undecided(problem, rows):
         return
     sparse, timings = probe(step, table_says_sparse(problem), problem.device_type)
     if agree is not None:

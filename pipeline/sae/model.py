@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import resolve_device
-from pipeline.sae.activation_fns import batch_topk_mask, heaviside_step, jumprelu, update_batchtopk_threshold
 from pipeline.sae import decode_path
+from pipeline.sae.activation_fns import batch_topk_mask, heaviside_step, jumprelu, update_batchtopk_threshold
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.sparse_topk import (
     LatentGroups,
@@ -325,13 +325,16 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.topk_decode != "auto" or not self.cfg.act.row_top_k or x.dim() != 2:
             return
         k = k or self.cfg.top_k
+        problem = self._decode_problem(k)
+        if not decode_path.undecided(problem, x.shape[0]):  # every step but the first of each problem
+            return
         rows = x[: decode_path.PROBE_ROWS].detach()
         params = [p for p in self.parameters() if p.requires_grad]
 
         def step(sparse: bool) -> None:
             x_hat, _ = self._forward_on(rows, k, sparse)
             torch.autograd.grad(x_hat.float().square().sum(), params, allow_unused=True)  # .grad untouched
-        decode_path.settle(self._decode_problem(k), x.shape[0], step, agree)
+        decode_path.settle(problem, x.shape[0], step, agree)
 
     def _decode_problem(self, k: int) -> decode_path.Problem:
         device = self.W_enc.device.type
