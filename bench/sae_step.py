@@ -12,10 +12,12 @@ k*<r> <= d_sae` (the table topk_decode: auto starts from, pipeline/sae/decode_pa
 measured on the CPU; near r, and on a device it has no r for, a run times both paths itself).
 
 AuxK (--aux): the sparse step with AuxK on (a share of latents planted dead) against off, each
-AuxK decode timed: dead columns by matmul, and gathered (embedding_bag), the two
-pipeline/train/aux_k.py chooses between at n_dead = DENSE_COLUMNS_PER_K_AUX * k_aux. Prints each
-step's ratio to the step without AuxK, and the n_dead / k_aux from which gathered is faster;
---profile adds, at 10% dead, the torch ops whose time AuxK adds (self CPU ms a step).
+AuxK decode timed: dead columns by matmul, and gathered (embedding_bag). pipeline/train/aux_k.py's
+table switches between them at n_dead = DENSE_COLUMNS_PER_K_AUX * k_aux; near there a training
+run times both on its first step (pipeline/train/aux_k_path.py), and "auto" is the decode that
+timing picks here. Prints each step's ratio to the step without AuxK, and the n_dead / k_aux from
+which gathered is faster; --profile adds, at 10% dead, the torch ops whose time AuxK adds (self
+CPU ms a step).
 
 usage: python bench/sae_step.py [--batch 4096] [--d-model 384] [--k 32] [--expansions 8 32]
                                 [--scan 0.25 0.5 1 2 4 8 16 32]
@@ -27,7 +29,6 @@ step with AuxK (the decode aux_k.py picks) over the step without, at 10% dead (g
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -36,6 +37,7 @@ import torch
 from pipeline import SAEConfig
 from pipeline.sae.model import SparseAutoencoder
 from pipeline.train.aux_k import DENSE_COLUMNS_PER_K_AUX, aux_k_loss
+from pipeline.train.aux_k_path import choose
 from pipeline.train.losses import reconstruction_loss
 from pipeline.heap import keep_large_blocks_in_heap
 from host import print_host  # noqa: E402
@@ -92,7 +94,7 @@ def compare(d_model: int, expansion: float, k: int, batch: int) -> float:
 
 
 def aux_step_seconds(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, k_aux: int,
-                     columns_per_k_aux: float) -> float:
+                     columns: bool) -> float:
     """One sparse TopK training step: normalized MSE (+ AuxK over `dead`), backward."""
     sync()
     start = time.perf_counter()
@@ -101,7 +103,7 @@ def aux_step_seconds(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor
     if dead is not None:
         encoder = (x, sae.W_enc, sae.b_enc)
         loss = loss + aux_k_loss((x - x_hat).detach(), out.hidden_pre, dead, sae.W_dec, k_aux, encoder,
-                                 dense_columns_per_k_aux=columns_per_k_aux) / 32
+                                 columns=columns) / 32
     loss.backward()
     sae.zero_grad(set_to_none=True)
     sync()
@@ -120,7 +122,7 @@ def compare_aux(args, expansion: float) -> float:
         n_dead = max(int(share * d_sae), 1)
         dead = torch.zeros(d_sae, dtype=torch.bool, device=DEVICE)
         dead[order[:n_dead].to(DEVICE)] = True
-        cases = {"off": (None, 0), "columns": (dead, math.inf), "gathered": (dead, 0)}
+        cases = {"off": (None, False), "columns": (dead, True), "gathered": (dead, False)}
         timings = {name: [] for name in cases}
         for round_index in range(WARMUP + REPEATS):
             for name, (mask, columns) in cases.items():
@@ -128,7 +130,7 @@ def compare_aux(args, expansion: float) -> float:
                 if round_index >= WARMUP:
                     timings[name].append(seconds)
         median = {name: statistics.median(values) for name, values in timings.items()}
-        auto = "columns" if n_dead <= DENSE_COLUMNS_PER_K_AUX * args.k_aux else "gathered"
+        auto = "columns" if auto_uses_columns(sae, x, dead, args.k_aux) else "gathered"
         print(f"d_sae={d_sae} k_aux={args.k_aux} dead {n_dead} ({share:.0%}, n_dead/k_aux {n_dead / args.k_aux:.1f}): "
               f"off {median['off'] * 1e3:.0f} ms, columns {median['columns'] * 1e3:.0f} ms "
               f"({median['columns'] / median['off']:.2f}x), gathered {median['gathered'] * 1e3:.0f} ms "
@@ -146,7 +148,14 @@ def compare_aux(args, expansion: float) -> float:
     return goal
 
 
-def print_aux_profile(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, k_aux: int, columns: float,
+def auto_uses_columns(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> bool:
+    """The decode a training step picks for these inputs: the table's, or timed near its crossover."""
+    with torch.no_grad():
+        x_hat, out = sae(x)
+    return choose((x - x_hat).detach(), out.hidden_pre, dead, sae.W_dec, k_aux, (x, sae.W_enc, sae.b_enc))
+
+
+def print_aux_profile(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, k_aux: int, columns: bool,
                       steps: int = 3, shown: int = 8) -> None:
     """What AuxK adds to a step, by torch op (self CPU time per step, torch.profiler): the ops
     whose time grows most between the step without AuxK and the step with it."""

@@ -12,20 +12,18 @@ PROBE_MARGIN. Evaluation and other forwards without a training step use the choi
 their problem, else the table. Problems below PROBE_MIN_MACS are not timed: there the choice costs little, and a
 choice made by timing noise would differ between processes (and between a test's two runs).
 
-A checkpoint records the choices (decode_choices) and a resumed run pins them
-(pin_decode_choices): the paths round differently, and a resume must stay bitwise.
+The timing and the kept choices are pipeline/sae/path_choice.py's. A checkpoint records the
+choices (decode_choices) and a resumed run pins them (pin_decode_choices): the paths round
+differently, and a resume must stay bitwise.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from pipeline.sae.encoder_kernel import PROBE_MIN_MACS  # rows * d_model * d_sae: the same floor as that probe
+from pipeline.sae.path_choice import PathChoices, power_of_two_class
 
 SPARSE_TOPK_MIN_RATIO = {"cpu": 8}
 PROBE_BAND = 4  # timed when d_sae / k is within [ratio / 4, ratio * 4] of the table's crossover
@@ -34,7 +32,7 @@ PROBE_ROUNDS = 2  # timed calls of each path (the fastest counts), after one unt
 PROBE_MARGIN = 0.9  # the other path must take < 90% of the table's path's time to replace it
 
 Step = Callable[[bool], None]  # one forward + backward on a path (True: sparse)
-_chosen: dict[str, bool] = {}  # problem key -> sparse?, timed here or pinned from a checkpoint
+_choices = PathChoices("topk decode", rounds=PROBE_ROUNDS, margin=PROBE_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,8 @@ class Problem:
 
     @property
     def key(self) -> str:
-        k_class = 1 << max(0, self.k - 1).bit_length()
-        return f"{self.device_type} {self.dtype} {self.d_model}->{self.d_sae} k<={k_class}" + (" glu" if self.glu else "")
+        return (f"{self.device_type} {self.dtype} {self.d_model}->{self.d_sae} k<={power_of_two_class(self.k)}"
+                + (" glu" if self.glu else ""))
 
 
 def table_says_sparse(problem: Problem) -> bool:
@@ -61,7 +59,8 @@ def table_says_sparse(problem: Problem) -> bool:
 
 def is_sparse(problem: Problem) -> bool:
     """The path for this problem: the one timed (or pinned) for its key, else the table's."""
-    return _chosen.get(problem.key, table_says_sparse(problem))
+    chosen = _choices.get(problem.key)
+    return table_says_sparse(problem) if chosen is None else chosen == "sparse"
 
 
 def needs_probe(problem: Problem, rows: int) -> bool:
@@ -73,59 +72,29 @@ def needs_probe(problem: Problem, rows: int) -> bool:
 
 def undecided(problem: Problem, rows: int) -> bool:
     """Whether settle would time this problem: no choice kept for it, and needs_probe."""
-    return problem.key not in _chosen and needs_probe(problem, rows)
+    return _choices.get(problem.key) is None and needs_probe(problem, rows)
 
 
-def settle(problem: Problem, rows: int, step: Step, agree: Callable[[bool], bool] | None = None) -> None:
+def settle(problem: Problem, rows: int, step: Step, agree: Callable[[str], str] | None = None) -> None:
     """Time both paths with `step` once per problem key where undecided (agree: every rank's choice
     made the same, e.g. rank 0's broadcast), then keep the result."""
     if not undecided(problem, rows):
         return
-    sparse, timings = probe(step, table_says_sparse(problem), problem.device_type)
-    if agree is not None:
-        sparse = agree(sparse)
-    times = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
-    _say(f"topk decode for {problem.key}: {'sparse' if sparse else 'dense'} ({times}: one forward + backward "
-         f"of {min(rows, PROBE_ROWS)} rows)")
-    _chosen[problem.key] = sparse
-
-
-def probe(step: Step, default_sparse: bool, device_type: str) -> tuple[bool, dict[str, float]]:
-    """(sparse?, the best seconds of each path). Interleaved, so a burst of load hits both alike."""
-    paths = {"sparse": True, "dense": False}
-    for sparse in paths.values():
-        step(sparse)  # untimed: first-call allocations and kernel set-up
-    best = dict.fromkeys(paths, float("inf"))
-    for _ in range(PROBE_ROUNDS):
-        for name, sparse in paths.items():
-            _sync(device_type)
-            started = time.perf_counter()
-            step(sparse)
-            _sync(device_type)
-            best[name] = min(best[name], time.perf_counter() - started)
-    default, other = ("sparse", "dense") if default_sparse else ("dense", "sparse")
-    return (other if best[other] < PROBE_MARGIN * best[default] else default) == "sparse", best
+    _choices.settle(problem.key, "sparse" if table_says_sparse(problem) else "dense",
+                    {"sparse": lambda: step(True), "dense": lambda: step(False)}, problem.device_type, agree,
+                    detail=f"one forward + backward of {min(rows, PROBE_ROWS)} rows")
 
 
 def decode_choices() -> dict[str, str]:
     """This process's timed (and pinned) choices, {problem key: "sparse" | "dense"}, for a checkpoint."""
-    return {key: "sparse" if sparse else "dense" for key, sparse in _chosen.items()}
+    return _choices.choices()
 
 
 def pin_decode_choices(choices: dict[str, str]) -> None:
     """Use a checkpoint's choices for those problems instead of timing them again."""
-    _chosen.update({key: path == "sparse" for key, path in choices.items()})
+    _choices.pin(choices)
 
 
 def forget_decode_choices() -> None:
     """Drop every choice (tests)."""
-    _chosen.clear()
-
-
-def _sync(device_type: str) -> None:
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _say(message: str) -> None:
-    print(f"saeflow: {message}", file=sys.stderr, flush=True)
+    _choices.forget()

@@ -17,13 +17,14 @@ A checkpoint records the choices (kernel_choices) and a resumed run pins them
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from pipeline.sae.path_choice import fastest, power_of_two_class, say
 
 Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 DEFAULT_KERNEL = "matmul"
@@ -58,7 +59,7 @@ def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
         try:
             return KERNELS[name](x, W_enc, b_enc)
         except RuntimeError as error:  # e.g. a weight layout the op refuses: the default from now on
-            _say(f"{name} failed on {_key(x, W_enc)} ({error}); using {DEFAULT_KERNEL}")
+            say(f"{name} failed on {_key(x, W_enc)} ({error}); using {DEFAULT_KERNEL}")
             _chosen[_key(x, W_enc)] = DEFAULT_KERNEL
     return _matmul(x, W_enc, b_enc)
 
@@ -81,7 +82,7 @@ def kernel_for(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> str:
         else:
             name, timings = probe(x, W_enc, b_enc)
             times = ", ".join(f"{kernel} {seconds * 1e3:.1f} ms" for kernel, seconds in timings.items())
-            _say(f"encoder kernel for {key}: {name} ({times or 'no other kernel works'})")
+            say(f"encoder kernel for {key}: {name} ({times or 'no other kernel works'})")
             _chosen[key] = name
     return _chosen[key]
 
@@ -95,14 +96,9 @@ def probe(x: Tensor, W_enc: Tensor, b_enc: Tensor, kernels: dict[str, Kernel] | 
                     if name != DEFAULT_KERNEL and matches_default(kernel, x, W_enc, b_enc, kernels[DEFAULT_KERNEL])})
     if len(working) == 1:
         return DEFAULT_KERNEL, {}
-    best = dict.fromkeys(working, float("inf"))
-    for _ in range(PROBE_ROUNDS):  # interleaved, so a burst of load hits every kernel alike
-        for name, kernel in working.items():
-            started = time.perf_counter()
-            kernel(x, W_enc, b_enc)
-            best[name] = min(best[name], time.perf_counter() - started)
-    fastest = min(best, key=best.get)
-    return (fastest if best[fastest] < PROBE_MARGIN * best[DEFAULT_KERNEL] else DEFAULT_KERNEL), best
+    # the agreement checks above ran every kernel once: no untimed call is needed
+    return fastest({name: partial(kernel, x, W_enc, b_enc) for name, kernel in working.items()}, DEFAULT_KERNEL,
+                   rounds=PROBE_ROUNDS, margin=PROBE_MARGIN, warmup=False)
 
 
 def matches_default(kernel: Kernel, x: Tensor, W_enc: Tensor, b_enc: Tensor, default: Kernel = _matmul) -> bool:
@@ -143,9 +139,4 @@ def force_kernel(name: str) -> Iterator[None]:
 
 
 def _key(x: Tensor, W_enc: Tensor) -> str:
-    rows = 1 << max(0, x.shape[0] - 1).bit_length()  # the power of two at or above: one probe per size class
-    return f"{rows}x{W_enc.shape[0]}->{W_enc.shape[1]} {str(x.dtype).removeprefix('torch.')}"
-
-
-def _say(message: str) -> None:
-    print(f"saeflow: {message}", file=sys.stderr, flush=True)
+    return f"{power_of_two_class(x.shape[0])}x{W_enc.shape[0]}->{W_enc.shape[1]} {str(x.dtype).removeprefix('torch.')}"

@@ -10,7 +10,8 @@ a naive dense computation in tests/train/test_aux_k.py):
 - dead columns (CPU): the (B, n) pre-activations of the dead latents; a row whose positive
   entries number at most k_aux needs no top-k (they are its top-k's only nonzero values); the
   columns no row uses are dropped; e_hat is one (B, n) @ (n, d) matmul, and the backward three
-  more of that size. Chosen while n <= DENSE_COLUMNS_PER_K_AUX * k_aux.
+  more of that size. The table chooses it while n <= DENSE_COLUMNS_PER_K_AUX * k_aux; near
+  there, training times both decodes (aux_k_path.py).
 - gathered (CPU, more dead latents than that): each row's k_aux indices, decoded by
   embedding_bag, the weight gradients grouped by latent (sparse_topk.LatentGroups, one sort for
   the encoder's and the decoder's); O(B * k_aux * d) whatever the number of dead latents, but
@@ -27,10 +28,16 @@ from torch import Tensor
 from pipeline.sae.sparse_topk import LatentGroups, gathered_encoder_values, sparse_decode
 from pipeline.train.losses import total_variance
 
-# Dead columns are decoded by matmul up to this many per k_aux, by embedding_bag beyond: the
-# matmul does n/k_aux times the arithmetic at several times the speed. Measured on the CPU with
-# bench/sae_step.py --aux (gathered faster from n_dead/k_aux 4.8-6.4, columns at 3.2; 2026-12-03).
+# The table: dead columns decoded by matmul up to this many per k_aux, by embedding_bag beyond:
+# the matmul does n/k_aux times the arithmetic at several times the speed. Measured with
+# bench/sae_step.py --aux on an AMD EPYC (gathered faster from n_dead/k_aux 4.8-6.4, columns at
+# 3.2; 2026-12-03); an Intel Xeon put the crossover between 6.4 and 9.6, so training times both
+# near it (aux_k_path.py).
 DENSE_COLUMNS_PER_K_AUX = 4
+
+
+def table_says_columns(n_dead: int, k_aux: int) -> bool:
+    return n_dead <= DENSE_COLUMNS_PER_K_AUX * k_aux
 
 
 def aux_k_loss(
@@ -42,13 +49,14 @@ def aux_k_loss(
     encoder: tuple[Tensor, Tensor, Tensor] | None = None,
     *,
     sync_free: bool = False,
-    dense_columns_per_k_aux: float = DENSE_COLUMNS_PER_K_AUX,
+    columns: bool | None = None,
 ) -> Tensor:
     """residual (B, d) detached; hidden_pre (B, d_sae); dead_mask (d_sae,) bool; W_dec (d_sae, d).
 
     encoder = (x, W_enc, b_enc) when hidden_pre carries no graph (the sparse TopK path): the
     dead latents' gradients go to W_enc and b_enc directly, costing only the dead latents' share;
-    None: through hidden_pre by autograd. sync_free: the fixed-shape accelerator version."""
+    None: through hidden_pre by autograd. sync_free: the fixed-shape accelerator version.
+    columns: decode the dead columns by matmul (True) or gathered (False); None: the table's."""
     if sync_free:
         return _fixed_shape(residual, hidden_pre, dead_mask, W_dec, k_aux, encoder)
     dead = dead_mask.nonzero().squeeze(1)
@@ -56,7 +64,9 @@ def aux_k_loss(
         return hidden_pre.new_zeros(())
     with torch.no_grad():
         pre = hidden_pre.detach().index_select(1, dead)
-    if dead.numel() > dense_columns_per_k_aux * k_aux:  # decided first: the gathered top-k needs no mask
+    if columns is None:
+        columns = table_says_columns(dead.numel(), k_aux)
+    if not columns:  # decided first: the gathered top-k needs no mask
         return _gathered(residual, hidden_pre, dead, pre, W_dec, k_aux, encoder)
     with torch.no_grad():
         keep = _kept_entries(pre, k_aux)

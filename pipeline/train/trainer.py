@@ -22,6 +22,7 @@ from pipeline.sae.encoder_kernel import kernel_choices, pin_kernel_choices
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
 from pipeline.train.checkpoint import checkpoint_step, damaged, load_checkpoint, read_info, save_checkpoint
+from pipeline.train import aux_k_path
 from pipeline.train.aux_k import aux_k_loss
 from pipeline.train.losses import l1_sparsity, reconstruction_loss, tanh_sparsity
 from pipeline.train.run_record import run_changes
@@ -56,6 +57,8 @@ class SAETrainer:
         # No host sync in a step on an accelerator (tests/train/test_sync.py): the CPU keeps
         # AuxK's faster data-dependent selection, where a "sync" costs nothing.
         self.sync_free = device.type != "cpu"
+        # a timed path choice (TopK decode, AuxK decode) made the same on every rank: rank 0's
+        self._agree = ranks.broadcast_json if ranks.distributed else None
         self.step = 0
         self.tokens = 0
         self._clock = time.perf_counter()
@@ -106,7 +109,7 @@ class SAETrainer:
         )
         with autocast:
             # once per problem: which TopK path is faster here, timed outside DDP, the same on every rank
-            sae.settle_decode_path(x, k, agree=self.ranks.broadcast_json if self.ranks.distributed else None)
+            sae.settle_decode_path(x, k, agree=self._agree)
             x_hat, out = self.forward(x, k) if k is not None else self.forward(x)
         x_hat = x_hat.float()
         # one pass over the activations serves dead-latent tracking and logs; every rank's counts
@@ -166,8 +169,12 @@ class SAETrainer:
         # encoder directly, not through a second dense (d_model x B x d_sae) encoder matmul
         sparse = out.feature_acts is None and not sae.cfg.use_glu_encoder and x.dim() == 2
         encoder = (x, sae.W_enc, sae.b_enc) if sparse else None
-        aux = aux_k_loss(residual, out.hidden_pre, self.dead_mask(), sae.W_dec, self.k_aux, encoder,
-                         sync_free=self.sync_free)
+        dead = self.dead_mask()
+        # near the table's crossover, the first step of each problem times both decodes (outside DDP)
+        columns = None if self.sync_free else aux_k_path.choose(
+            residual, out.hidden_pre, dead, sae.W_dec, self.k_aux, encoder, self._agree)
+        aux = aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, self.k_aux, encoder, sync_free=self.sync_free,
+                         columns=columns)
         return {"aux_k_loss": cfg.aux_k_coefficient * aux}
 
     def dead_mask(self) -> torch.Tensor:
@@ -222,6 +229,7 @@ class SAETrainer:
             "log_window": window_info,  # the steps since the last log line: a resumed log matches
             "encoder_kernels": kernel_choices(),  # a resume computes with the same kernels: bitwise
             "topk_decode_paths": decode_choices(),  # and takes the same TopK paths
+            "aux_k_paths": aux_k_path.aux_k_choices(),  # and AuxK decodes
         }
         return save_checkpoint(
             self.checkpoint_dir,
@@ -255,6 +263,7 @@ class SAETrainer:
             self.scaler.load_state_dict(info["grad_scaler"])
         pin_kernel_choices(info.get("encoder_kernels") or {})
         pin_decode_choices(info.get("topk_decode_paths") or {})
+        aux_k_path.pin_aux_k_choices(info.get("aux_k_paths") or {})
         if info.get("log_window"):
             window = {key[len("window."):]: value for key, value in extras.items() if key.startswith("window.")}
             if self.ranks.main:

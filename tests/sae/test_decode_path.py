@@ -62,7 +62,7 @@ def test_k_is_kept_by_its_power_of_two_class():
 
 
 def test_every_rank_takes_the_agreed_path_and_a_checkpoints_choice_is_not_timed_again():
-    settle(NEAR, ROWS, timed_step(0.001, 0.02, []), agree=lambda mine: not mine)  # rank 0 said otherwise
+    settle(NEAR, ROWS, timed_step(0.001, 0.02, []), agree=lambda mine: "dense")  # rank 0 said otherwise
     assert not is_sparse(NEAR)
     decode_path.forget_decode_choices()
     pin_decode_choices({NEAR.key: "sparse"})

@@ -1,7 +1,6 @@
 """AuxK on the real tiny store: it acts with the default settings, and its loss and gradients
 equal a naive dense computation."""
 
-import math
 from pathlib import Path
 
 import pytest
@@ -92,15 +91,15 @@ def test_every_aux_k_path_gives_the_naive_loss_and_gradients(store, tmp_path, n_
     encoder = (x, sae.W_enc, sae.b_enc)
     paths = {
         "dead columns, sparse TopK encoder": lambda: aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, k_aux, encoder,
-                                                                dense_columns_per_k_aux=math.inf),
+                                                                columns=True),
         "gathered, sparse TopK encoder": lambda: aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, k_aux, encoder,
-                                                            dense_columns_per_k_aux=0),
+                                                            columns=False),
         "fixed shapes, sparse TopK encoder": lambda: aux_k_loss(residual, out.hidden_pre, dead, sae.W_dec, k_aux, encoder,
                                                                 sync_free=True),
         "dead columns, autograd": lambda: aux_k_loss(residual, sae.encode_pre(x), dead, sae.W_dec, k_aux,
-                                                     dense_columns_per_k_aux=math.inf),
+                                                     columns=True),
         "gathered, autograd": lambda: aux_k_loss(residual, sae.encode_pre(x), dead, sae.W_dec, k_aux,
-                                                 dense_columns_per_k_aux=0),
+                                                 columns=False),
         "fixed shapes, autograd": lambda: aux_k_loss(residual, sae.encode_pre(x), dead, sae.W_dec, k_aux, sync_free=True),
     }
     assert (expected > 0) == (n_dead > 0)

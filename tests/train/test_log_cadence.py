@@ -1,12 +1,14 @@
 """When train_log.jsonl gets a line: every log_every_steps (or log_every_tokens) and the last step."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.sae import decode_path
+from pipeline.train import aux_k_path
 from pipeline.train.checkpoint import checkpoint_path, read_info
 from pipeline.train.stage import train
 
@@ -60,3 +62,18 @@ def test_a_checkpoint_records_the_topk_path_its_steps_timed(store, tmp_path, mon
         assert f"topk decode for cpu float32 64->256 k<=8: {path} (" in capsys.readouterr().err
     finally:
         decode_path.forget_decode_choices()
+
+
+def test_a_checkpoint_records_the_aux_k_decodes_its_steps_timed(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(aux_k_path, "PROBE_MIN_MACS", 0)  # time the tiny problems (k_aux 4: 4 to 64 dead in the band)
+    aux_k_path.forget_aux_k_choices()
+    try:
+        (directory,) = run(store, tmp_path / "aux", "train.checkpoint_every_tokens=2048", "train.aux_k=4")
+        choices = read_info(checkpoint_path(directory / "checkpoints", 16))["aux_k_paths"]
+        logged = capsys.readouterr().err
+        assert choices, logged
+        for key, path in choices.items():
+            assert re.fullmatch(r"cpu float32 64->256 k_aux=4 dead<=(4|8|16|32|64)", key)
+            assert logged.count(f"aux-k decode for {key}: ") == 1 and f"aux-k decode for {key}: {path} (" in logged
+    finally:
+        aux_k_path.forget_aux_k_choices()
