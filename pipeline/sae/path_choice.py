@@ -45,8 +45,8 @@ class PathChoices:
     """One kind of choice in this process: {problem key: path}, timed here or pinned from a
     checkpoint. `what` names it in the log line ("topk decode", "aux-k decode")."""
 
-    def __init__(self, what: str, *, rounds: int, margin: float):
-        self.what, self.rounds, self.margin = what, rounds, margin
+    def __init__(self, what: str, *, rounds: int, margin: float, warmup: bool = True):
+        self.what, self.rounds, self.margin, self.warmup = what, rounds, margin, warmup
         self._chosen: dict[str, str] = {}
 
     def get(self, key: str) -> str | None:
@@ -56,7 +56,8 @@ class PathChoices:
                agree: Callable[[str], str] | None = None, detail: str = "") -> str:
         """Time `paths` once for `key` and keep the result (agree: makes every rank's choice the
         same, e.g. rank 0's broadcast). detail: what was timed, for the log line."""
-        path, timings = fastest(paths, default, rounds=self.rounds, margin=self.margin, device_type=device_type)
+        path, timings = fastest(paths, default, rounds=self.rounds, margin=self.margin, device_type=device_type,
+                                warmup=self.warmup)
         if agree is not None:
             path = agree(path)
         times = ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
