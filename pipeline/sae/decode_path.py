@@ -12,8 +12,8 @@ PROBE_MARGIN. Evaluation and other forwards without a training step use the choi
 their problem, else the table. Problems below PROBE_MIN_MACS are not timed: there the choice costs little, and a
 choice made by timing noise would differ between processes (and between a test's two runs).
 
-The timing and the kept choices are pipeline/sae/path_choice.py's. A checkpoint records the
-choices (decode_choices) and a resumed run pins them (pin_decode_choices): the paths round
+The timing and the kept choices (`paths`) are pipeline/sae/path_choice.py's. A checkpoint
+records the choices (paths.all()) and a resumed run pins them (paths.pin): the paths round
 differently, and a resume must stay bitwise.
 """
 
@@ -32,7 +32,7 @@ PROBE_ROUNDS = 2  # timed calls of each path (the fastest counts), after one unt
 PROBE_MARGIN = 0.9  # the other path must take < 90% of the table's path's time to replace it
 
 Step = Callable[[bool], None]  # one forward + backward on a path (True: sparse)
-_choices = PathChoices("topk decode", rounds=PROBE_ROUNDS, margin=PROBE_MARGIN)
+paths = PathChoices("topk decode", rounds=PROBE_ROUNDS, margin=PROBE_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def table_says_sparse(problem: Problem) -> bool:
 
 def is_sparse(problem: Problem) -> bool:
     """The path for this problem: the one timed (or pinned) for its key, else the table's."""
-    chosen = _choices.get(problem.key)
+    chosen = paths.get(problem.key)
     return table_says_sparse(problem) if chosen is None else chosen == "sparse"
 
 
@@ -72,7 +72,7 @@ def needs_probe(problem: Problem, rows: int) -> bool:
 
 def undecided(problem: Problem, rows: int) -> bool:
     """Whether settle would time this problem: no choice kept for it, and needs_probe."""
-    return _choices.get(problem.key) is None and needs_probe(problem, rows)
+    return paths.get(problem.key) is None and needs_probe(problem, rows)
 
 
 def settle(problem: Problem, rows: int, step: Step, agree: Callable[[str], str] | None = None) -> None:
@@ -80,21 +80,7 @@ def settle(problem: Problem, rows: int, step: Step, agree: Callable[[str], str] 
     made the same, e.g. rank 0's broadcast), then keep the result."""
     if not undecided(problem, rows):
         return
-    _choices.settle(problem.key, "sparse" if table_says_sparse(problem) else "dense",
+    paths.settle(problem.key, "sparse" if table_says_sparse(problem) else "dense",
                     {"sparse": lambda: step(True), "dense": lambda: step(False)}, problem.device_type, agree,
                     detail=f"one forward + backward of {min(rows, PROBE_ROWS)} rows")
 
-
-def decode_choices() -> dict[str, str]:
-    """This process's timed (and pinned) choices, {problem key: "sparse" | "dense"}, for a checkpoint."""
-    return _choices.choices()
-
-
-def pin_decode_choices(choices: dict[str, str]) -> None:
-    """Use a checkpoint's choices for those problems instead of timing them again."""
-    _choices.pin(choices)
-
-
-def forget_decode_choices() -> None:
-    """Drop every choice (tests)."""
-    _choices.forget()

@@ -65,7 +65,7 @@ class PathChoices:
         self._chosen[key] = path
         return path
 
-    def choices(self) -> dict[str, str]:
+    def all(self) -> dict[str, str]:
         """Every choice made (or pinned) in this process, for a checkpoint."""
         return dict(self._chosen)
 

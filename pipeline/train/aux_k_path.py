@@ -7,7 +7,7 @@ n_dead / k_aux is within a factor PROBE_BAND of the table's 4 (1 to 16), the fir
 problem times one AuxK forward + backward of each decode on its whole batch (a quarter of the
 rows misjudged the gathered decode by a fifth: its sorts and gathers grow faster than the rows;
 parameters' .grad untouched) and keeps the faster for the rest of the process, through
-pipeline/sae/path_choice.py (its log line, margin and checkpoint pinning). The number of dead
+pipeline/sae/path_choice.py (its log line, margin and checkpoint pinning: `paths`). The number of dead
 latents changes as training goes, so it is kept by its power-of-two class: a run times a handful
 of classes. Problems below the encoder probe's PROBE_MIN_MACS (rows * d_model * n_dead) are not
 timed. The accelerators' fixed-shape AuxK has no choice to make.
@@ -28,7 +28,7 @@ from pipeline.train.aux_k import DENSE_COLUMNS_PER_K_AUX, aux_k_loss, table_says
 PROBE_BAND = 4  # timed while n_dead / k_aux is within [4 / 4, 4 * 4]
 # no untimed call first: the faster of two calls each already drops a first call's set-up, and
 # each call is a whole batch's AuxK (~0.1-0.2 s at 4096 rows and 6144 latents)
-_choices = PathChoices("aux-k decode", rounds=2, margin=0.9, warmup=False)
+paths = PathChoices("aux-k decode", rounds=2, margin=0.9, warmup=False)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def needs_probe(problem: Problem, rows: int) -> bool:
 
 def uses_columns(problem: Problem) -> bool:
     """The decode for this problem: the one timed (or pinned) for its key, else the table's."""
-    chosen = _choices.get(problem.key)
+    chosen = paths.get(problem.key)
     return table_says_columns(problem.n_dead, problem.k_aux) if chosen is None else chosen == "columns"
 
 
@@ -66,10 +66,10 @@ def choose(residual: Tensor, hidden_pre: Tensor, dead_mask: Tensor, W_dec: Tenso
     n_dead = int(dead_mask.sum())
     problem = Problem(hidden_pre.device.type, str(hidden_pre.dtype).removeprefix("torch."), W_dec.shape[1],
                       W_dec.shape[0], k_aux, n_dead)
-    if _choices.get(problem.key) is None and needs_probe(problem, hidden_pre.shape[0]):
+    if paths.get(problem.key) is None and needs_probe(problem, hidden_pre.shape[0]):
         step = _probe_step(residual, hidden_pre.detach(), dead_mask, W_dec, k_aux,
                            None if encoder is None else (encoder[0].detach(), *encoder[1:]))
-        _choices.settle(problem.key, "columns" if table_says_columns(n_dead, k_aux) else "gathered",
+        paths.settle(problem.key, "columns" if table_says_columns(n_dead, k_aux) else "gathered",
                         {"columns": lambda: step(True), "gathered": lambda: step(False)}, problem.device_type,
                         agree, detail=f"one forward + backward of {hidden_pre.shape[0]} rows")
     return uses_columns(problem)
@@ -91,16 +91,3 @@ def _probe_step(residual, hidden_pre, dead_mask, W_dec, k_aux, encoder) -> Calla
             torch.autograd.grad(loss, inputs, allow_unused=True)
     return step
 
-
-def aux_k_choices() -> dict[str, str]:
-    """This process's timed (and pinned) choices, {problem key: "columns" | "gathered"}, for a checkpoint."""
-    return _choices.choices()
-
-
-def pin_aux_k_choices(choices: dict[str, str]) -> None:
-    _choices.pin(choices)
-
-
-def forget_aux_k_choices() -> None:
-    """Drop every choice (tests)."""
-    _choices.forget()

@@ -17,7 +17,7 @@ import torch
 from pipeline.config import ConfigError, ExperimentConfig, recorded_config
 from pipeline.distributed import SINGLE, Ranks
 from pipeline.files import append_line, remove_temporaries, write_text_atomically
-from pipeline.sae.decode_path import decode_choices, pin_decode_choices
+from pipeline.sae import decode_path
 from pipeline.sae.encoder_kernel import kernel_choices, pin_kernel_choices
 from pipeline.sae.metrics import ReconstructionMetrics
 from pipeline.sae.model import SAEOutput, SparseAutoencoder
@@ -228,8 +228,8 @@ class SAETrainer:
             "grad_scaler": self.scaler.state_dict(),  # {} unless fp16 autocast
             "log_window": window_info,  # the steps since the last log line: a resumed log matches
             "encoder_kernels": kernel_choices(),  # a resume computes with the same kernels: bitwise
-            "topk_decode_paths": decode_choices(),  # and takes the same TopK paths
-            "aux_k_paths": aux_k_path.aux_k_choices(),  # and AuxK decodes
+            "topk_decode_paths": decode_path.paths.all(),  # and takes the same TopK paths
+            "aux_k_paths": aux_k_path.paths.all(),  # and AuxK decodes
         }
         return save_checkpoint(
             self.checkpoint_dir,
@@ -262,8 +262,8 @@ class SAETrainer:
         if info.get("grad_scaler"):
             self.scaler.load_state_dict(info["grad_scaler"])
         pin_kernel_choices(info.get("encoder_kernels") or {})
-        pin_decode_choices(info.get("topk_decode_paths") or {})
-        aux_k_path.pin_aux_k_choices(info.get("aux_k_paths") or {})
+        decode_path.paths.pin(info.get("topk_decode_paths") or {})
+        aux_k_path.paths.pin(info.get("aux_k_paths") or {})
         if info.get("log_window"):
             window = {key[len("window."):]: value for key, value in extras.items() if key.startswith("window.")}
             if self.ranks.main:

@@ -17,9 +17,9 @@ N_DEAD = 1024  # n_dead / k_aux = 8: within the band; the table says gathered (8
 
 @pytest.fixture(autouse=True)
 def no_choices():
-    aux_k_path.forget_aux_k_choices()
+    aux_k_path.paths.forget()
     yield
-    aux_k_path.forget_aux_k_choices()
+    aux_k_path.paths.forget()
 
 
 def sparse_topk_step():
@@ -52,7 +52,7 @@ def test_near_the_crossover_both_decodes_are_timed_once_and_the_faster_is_kept(c
     # the table's decode (gathered here) stays unless columns take < 90% of its time
     assert chosen == ("columns" if columns_ms < 0.9 * gathered_ms else "gathered")
     assert columns == (chosen == "columns") == uses_columns(problem())
-    assert aux_k_path.aux_k_choices() == {key: chosen}
+    assert aux_k_path.paths.all() == {key: chosen}
     assert all(p.grad is None for p in (W_dec, *encoder[1:]))  # the timing returned its gradients
     assert choose(residual, hidden_pre, dead, W_dec, K_AUX, encoder) == columns  # kept: not timed again
     assert "aux-k decode" not in capsys.readouterr().err
@@ -75,7 +75,7 @@ def test_far_from_the_crossover_or_small_problems_the_table_decides():
     assert not needs_probe(problem(0), ROWS)
     residual, hidden_pre, dead, W_dec, encoder = sparse_topk_step()
     assert choose(residual[:512], hidden_pre[:512], dead, W_dec, K_AUX, (encoder[0][:512], *encoder[1:])) is False
-    assert aux_k_path.aux_k_choices() == {}
+    assert aux_k_path.paths.all() == {}
 
 
 def test_the_dead_count_is_kept_by_its_power_of_two_class():
@@ -85,8 +85,8 @@ def test_the_dead_count_is_kept_by_its_power_of_two_class():
 def test_every_rank_takes_the_agreed_decode_and_a_checkpoints_choice_is_not_timed_again(capsys):
     residual, hidden_pre, dead, W_dec, encoder = sparse_topk_step()
     assert choose(residual, hidden_pre, dead, W_dec, K_AUX, encoder, agree=lambda mine: "columns") is True
-    aux_k_path.forget_aux_k_choices()
+    aux_k_path.paths.forget()
     capsys.readouterr()
-    aux_k_path.pin_aux_k_choices({problem().key: "columns"})
+    aux_k_path.paths.pin({problem().key: "columns"})
     assert choose(residual, hidden_pre, dead, W_dec, K_AUX, encoder) is True
     assert "aux-k decode" not in capsys.readouterr().err

@@ -39,7 +39,7 @@ problem = decode_path.Problem("cpu", "float32", 64, 512, 128, False)  # near the
 fast = ranks.rank == 0  # which path this rank finds faster: sparse on rank 0
 decode_path.settle(problem, 4096, lambda sparse: time.sleep(0.001 if sparse == fast else 0.02),
                    agree=ranks.broadcast_json)
-open(os.path.join(sys.argv[1], f"rank-{ranks.rank}.json"), "w").write(json.dumps(decode_path.decode_choices()))
+open(os.path.join(sys.argv[1], f"rank-{ranks.rank}.json"), "w").write(json.dumps(decode_path.paths.all()))
 leave_ranks()
 """
 

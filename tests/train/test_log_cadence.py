@@ -53,7 +53,7 @@ def test_a_checkpoint_records_the_encoder_kernel_its_steps_used(store, tmp_path)
 
 def test_a_checkpoint_records_the_topk_path_its_steps_timed(store, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(decode_path, "PROBE_MIN_MACS", 0)  # time the tiny problem (d_sae / k = 32: in the band)
-    decode_path.forget_decode_choices()
+    decode_path.paths.forget()
     try:
         (directory,) = run(store, tmp_path / "paths", "train.checkpoint_every_tokens=2048")
         info = read_info(checkpoint_path(directory / "checkpoints", 8))
@@ -61,12 +61,12 @@ def test_a_checkpoint_records_the_topk_path_its_steps_timed(store, tmp_path, mon
         assert info["topk_decode_paths"] == {"cpu float32 64->256 k<=8": path}
         assert f"topk decode for cpu float32 64->256 k<=8: {path} (" in capsys.readouterr().err
     finally:
-        decode_path.forget_decode_choices()
+        decode_path.paths.forget()
 
 
 def test_a_checkpoint_records_the_aux_k_decodes_its_steps_timed(store, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(aux_k_path, "PROBE_MIN_MACS", 0)  # time the tiny problems (k_aux 4: 4 to 64 dead in the band)
-    aux_k_path.forget_aux_k_choices()
+    aux_k_path.paths.forget()
     try:
         (directory,) = run(store, tmp_path / "aux", "train.checkpoint_every_tokens=2048", "train.aux_k=4")
         choices = read_info(checkpoint_path(directory / "checkpoints", 16))["aux_k_paths"]
@@ -76,4 +76,4 @@ def test_a_checkpoint_records_the_aux_k_decodes_its_steps_timed(store, tmp_path,
             assert re.fullmatch(r"cpu float32 64->256 k_aux=4 dead<=(4|8|16|32|64)", key)
             assert logged.count(f"aux-k decode for {key}: ") == 1 and f"aux-k decode for {key}: {path} (" in logged
     finally:
-        aux_k_path.forget_aux_k_choices()
+        aux_k_path.paths.forget()
