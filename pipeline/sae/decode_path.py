@@ -81,6 +81,6 @@ def settle(problem: Problem, rows: int, step: Step, agree: Callable[[str], str] 
     if not undecided(problem, rows):
         return
     paths.settle(problem.key, "sparse" if table_says_sparse(problem) else "dense",
-                    {"sparse": lambda: step(True), "dense": lambda: step(False)}, problem.device_type, agree,
-                    detail=f"one forward + backward of {min(rows, PROBE_ROWS)} rows")
+                 {"sparse": lambda: step(True), "dense": lambda: step(False)}, problem.device_type, agree,
+                 detail=f"one forward + backward of {min(rows, PROBE_ROWS)} rows")
 

@@ -4,12 +4,12 @@ gathered (pipeline/train/aux_k.py). The two give the same loss and gradients.
 The table (aux_k.DENSE_COLUMNS_PER_K_AUX) switches at n_dead = 4 k_aux, measured on an AMD EPYC;
 an Intel Xeon put the crossover between 6.4 and 9.6 k_aux (bench/sae_step.py --aux). So where
 n_dead / k_aux is within a factor PROBE_BAND of the table's 4 (1 to 16), the first step of each
-problem times one AuxK forward + backward of each decode on its whole batch (a quarter of the
-rows misjudged the gathered decode by a fifth: its sorts and gathers grow faster than the rows;
-parameters' .grad untouched) and keeps the faster for the rest of the process, through
-pipeline/sae/path_choice.py (its log line, margin and checkpoint pinning: `paths`). The number of dead
-latents changes as training goes, so it is kept by its power-of-two class: a run times a handful
-of classes. Problems below the encoder probe's PROBE_MIN_MACS (rows * d_model * n_dead) are not
+problem times one AuxK forward + backward of each decode on its whole batch (parameters' .grad
+untouched) and keeps the faster for the rest of the process, through pipeline/sae/path_choice.py
+(its log line, margin and checkpoint pinning: `paths`). The whole batch, because a quarter of it
+misjudged the gathered decode by a fifth: its sorts and gathers grow faster than the rows. The
+number of dead latents changes as training goes, so it is kept by its power-of-two class: a run
+times a handful of classes. Problems below the encoder probe's PROBE_MIN_MACS (rows * d_model * n_dead) are not
 timed. The accelerators' fixed-shape AuxK has no choice to make.
 """
 
@@ -70,8 +70,8 @@ def choose(residual: Tensor, hidden_pre: Tensor, dead_mask: Tensor, W_dec: Tenso
         step = _probe_step(residual, hidden_pre.detach(), dead_mask, W_dec, k_aux,
                            None if encoder is None else (encoder[0].detach(), *encoder[1:]))
         paths.settle(problem.key, "columns" if table_says_columns(n_dead, k_aux) else "gathered",
-                        {"columns": lambda: step(True), "gathered": lambda: step(False)}, problem.device_type,
-                        agree, detail=f"one forward + backward of {hidden_pre.shape[0]} rows")
+                     {"columns": lambda: step(True), "gathered": lambda: step(False)}, problem.device_type,
+                     agree, detail=f"one forward + backward of {hidden_pre.shape[0]} rows")
     return uses_columns(problem)
 
 
