@@ -47,7 +47,7 @@ class Problem:
 
 
 def needs_probe(problem: Problem, rows: int) -> bool:
-    if problem.n_dead == 0 or rows * problem.d_model * problem.n_dead < PROBE_MIN_MACS:
+    if rows * problem.d_model * problem.n_dead < PROBE_MIN_MACS:
         return False
     return DENSE_COLUMNS_PER_K_AUX / PROBE_BAND <= problem.n_dead / problem.k_aux <= DENSE_COLUMNS_PER_K_AUX * PROBE_BAND
 
