@@ -14,9 +14,10 @@ Builds (or reuses) a store of random fp16 rows, d=768, ~1.2 GB, then measures in
   (store/gather.py, store/producer.py), and once with the compiled gather from group buffers
   (each group copied first, as before the maps were gathered from), so both gains are measured
   side by side;
-- the float16 epoch once more with verified reads off (loader verify=False): every other loader
-  epoch checks each chunk against its recorded checksum, as training does by default; warm, the
-  checksums alone too (every chunk hashed on the loader's threads), the cost they add at least;
+- the float32 (warm) and float16 epochs once more with verified reads off (loader verify=False):
+  every other loader epoch checks each chunk against its recorded checksum, as training does by
+  default; warm, the checksums alone too (every chunk hashed on the loader's threads), the cost
+  they add at least;
 - the same epochs on the store's shuffled copy (`saeflow shuffle`, store/shuffled_copy.py, made
   once here): its rows are in random order already, so the loader reads it whole chunk by chunk
   (sequential reads) and its batches mix as the global shuffle's (tests/store/test_mixing.py).
@@ -251,6 +252,7 @@ def main() -> None:
         for _ in range(args.repeats):
             record("seq_warm", "sequential read, warm", lambda: sequential_read(files), cold=False)
             record("loader_warm", "loader shuffled float32, warm", lambda: loader_epoch(path, n_rows, args.workers, torch.float32, splits=warm_splits), cold=False)
+            record("unverified_warm", "  the same, verify=False", lambda: loader_epoch(path, n_rows, args.workers, torch.float32, verify=False), cold=False)
             record("next_warm", "  its next epoch, same loader", next_epoch(path, n_rows, args.workers, torch.float32), cold=False)
             record("python_warm", "  the first, Python gather", python_gather(lambda: loader_epoch(path, n_rows, args.workers, torch.float32)), cold=False)
             record("buffered_warm", "  the first, from group buffers", lambda: loader_epoch(path, n_rows, args.workers, torch.float32, kind=GroupBufferLoader), cold=False)
@@ -304,17 +306,20 @@ def main() -> None:
             f"took {n_rows * D * 2 / 1e9 / results['next_warm'][round_]:.2f} s"
         )
         summary("verified/unverified loader, float16 batches, cold", "loader_cold16", "unverified_cold16")
+        summary("verified/unverified loader, float32 batches, warm", "loader_warm", "unverified_warm", goal=">= 0.95")
         summary("verified/unverified loader, float16 batches, warm", "loader_warm16", "unverified_warm16", goal=">= 0.95")
         # Why verifying a warm store costs more than 5% where memory is slow: the checksums read every
         # chunk once more through memory, and under the global shuffle before the first batch.
-        round_ = best_round("loader_warm16", "unverified_warm16")
-        epoch_s, sums_s = (n_rows * D * 2 / 1e9 / results[key][round_] for key in ("unverified_warm16", "checksums_warm"))
-        print(
-            f"verified warm, float16, that round: the unverified epoch took {epoch_s:.2f} s; the checksums alone "
-            f"(every chunk hashed from its faulted-in pages on {args.workers} threads, one more read of the store through "
-            f"memory) took {sums_s:.2f} s, and each chunk is verified before any batch holds its rows (under the global "
-            f"shuffle every batch holds rows of every chunk), so 0.95 needs them within {epoch_s / 19:.3f} s"
-        )
+        for dtype, verified, unverified in (("float32", "loader_warm", "unverified_warm"),
+                                            ("float16", "loader_warm16", "unverified_warm16")):
+            round_ = best_round(verified, unverified)
+            epoch_s, sums_s = (n_rows * D * 2 / 1e9 / results[key][round_] for key in (unverified, "checksums_warm"))
+            print(
+                f"verified warm, {dtype}, that round: the unverified epoch took {epoch_s:.2f} s; the checksums alone "
+                f"(every chunk hashed from its faulted-in pages on {args.workers} threads, one more read of the store "
+                f"through memory) took {sums_s:.2f} s, and each chunk is verified before any batch holds its rows (under "
+                f"the global shuffle every batch holds rows of every chunk), so 0.95 needs them within {epoch_s / 19:.3f} s"
+            )
         summary("shuffled copy: loader warm GB/s, float16 batches", "copy_warm16", goal=">= 2")
         summary("shuffled copy: loader warm GB/s, float32 batches, the next epoch of one loader", "copy_next", goal=">= 2")
         summary("shuffled copy: loader warm GB/s, float32 batches", "copy_warm", goal=">= 2")
